@@ -1,0 +1,115 @@
+"""What every converter command shares: error reporting, the canonical writer, progress and summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from sd3ref.config import ConfigError
+
+from . import canonical
+from .sources import ConversionError, Plan
+from .tensors import CAST_TARGETS, FormatError, atomic_output, cast, dtype_name, write_safetensors
+
+PROGRESS_MIN_BYTES = 64 << 20  # below this a bar is noise
+
+
+def parser(module: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m converters.{module}", description=description)
+
+
+def add_output_args(p: argparse.ArgumentParser, what: str = "OUT.safetensors") -> None:
+    p.add_argument("-o", "--output", required=True, metavar=what, help="where to write (atomically)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["keep", *CAST_TARGETS], default="keep",
+                   help="keep each tensor's stored dtype (float8 becomes float16, exactly), or cast all to one")
+
+
+def main(run) -> None:
+    """Run a command; any expected failure becomes one line on stderr and exit status 1."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        sys.exit(130)
+    except (ConversionError, FormatError, ConfigError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
+
+
+class Progress:
+    def __init__(self, total: int, label: str):
+        self.bar = None
+        if total >= PROGRESS_MIN_BYTES:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
+
+    def __call__(self, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def summarise(title: str, tensors: list[tuple[str, tuple, np.dtype]], path) -> str:
+    """tensors: (canonical name, shape, dtype) as written."""
+    params, dtypes = Counter(), Counter()
+    for name, shape, dtype in tensors:
+        params[canonical.component_of(name)] += int(np.prod(shape, dtype=np.int64))
+        dtypes[dtype_name(dtype)] += 1
+    lines = [f"{title}: {len(tensors)} tensors, {sum(params.values()):,} parameters, "
+             f"{sum(nbytes(s, d) for _, s, d in tensors):,} bytes -> {path}"]
+    lines += [f"  {comp:7s} {params[comp]:>16,} parameters" for comp in canonical.COMPONENTS if comp in params]
+    lines.append("  dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    return "\n".join(lines)
+
+
+def write_canonical(plan: Plan, output, dtype: str = "keep", force: bool = False, converter: str = "") -> str:
+    """Write ``plan`` as a canonical safetensors file, one tensor in memory at a time."""
+    target = None if dtype == "keep" else CAST_TARGETS[dtype]
+    entries = []
+    for name, shape in plan.shapes.items():
+        stored = plan.dtype(name)
+        out_dtype = target or cast(np.zeros(0, stored), None).dtype
+        entries.append((name, shape, out_dtype, lambda n=name: cast(plan.read(n), target)))
+    metadata = {
+        "format": "pt",  # what torch-side safetensors readers look for
+        "sd3ref.format": canonical.FORMAT,
+        "sd3ref.config": plan.config.to_json(),
+        "sd3ref.source": str(plan.source),
+        "sd3ref.source_format": plan.format,
+        "sd3ref.converter": converter,
+        "sd3ref.dtype": dtype,
+    }
+    if plan.dropped:
+        metadata["sd3ref.dropped"] = ", ".join(sorted(plan.dropped))
+    progress = Progress(sum(nbytes(s, d) for _, s, d, _ in entries), Path(output).name)
+    try:
+        with atomic_output(Path(output), force) as tmp:
+            with open(tmp, "wb") as f:
+                write_safetensors(f, entries, metadata, progress)
+    finally:
+        progress.close()
+    return summarise("wrote canonical", [(n, s, d) for n, s, d, _ in entries], output)
+
+
+def report_dropped(plan: Plan) -> None:
+    for name, why in sorted(plan.dropped.items()):
+        print(f"note: {plan.source}: dropped {name}: {why}", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""MMDiT / MMDiT-X (SD3, SD3.5) with Stability's weight names, scoped to ``model.diffusion_model.``.
+
+Latents are NHWC (B, H, W, C); the output is the rectified-flow velocity, NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import nn
+from .config import SD3Config
+
+EPS = 1e-6  # every MMDiT LayerNorm (no affine) and the q/k RMSNorms
+
+
+def patchify_positions(pos_embed, h, w):
+    """Centre crop of the (1, P², D) position table for an h×w patch grid → (h·w, D).
+    top and left are floored independently, so non-square grids are off-centre the same way as in SAI."""
+    D = pos_embed.shape[-1]
+    P = math.isqrt(pos_embed.shape[-2])
+    if h > P or w > P:
+        raise ValueError(f"patch grid {h}x{w} exceeds the {P}x{P} position table")
+    top, left = (P - h) // 2, (P - w) // 2
+    return pos_embed.reshape(P, P, D)[top:top + h, left:left + w].reshape(h * w, D)
+
+
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    """Sinusoid of the float timestep t = σ·1000 (not rounded) → (B, dim), cos first.
+    freq_k = exp(-ln(max_period)·k/(dim/2)), computed in t's dtype with the frameworks' operation order."""
+    half = dim // 2
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=t.dtype) / half)
+    args = t[:, None] * freqs[None]
+    return np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+
+
+def unpatchify(x, h, w, p, c):
+    """(B, h·w, p·p·c) with features ordered (pi, pj, c) → NHWC (B, h·p, w·p, c)."""
+    B = x.shape[0]
+    return x.reshape(B, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(B, h * p, w * p, c)
+
+
+def _mlp(w, x):
+    """Linear → SiLU → Linear (the t and y embedders)."""
+    return nn.dense(nn.silu(nn.dense(x, w, "mlp.0")), w, "mlp.2")
+
+
+def _modulation(w, c, n):
+    """adaLN = Linear(SiLU(c)) split into n contiguous (B, 1, D) chunks, in Stability's order."""
+    mod = nn.dense(nn.silu(c), w, "adaLN_modulation.1")  # (B, n·D)
+    return np.split(mod[:, None, :], n, axis=-1)
+
+
+def _modulate(x, shift, scale):
+    return x * (1.0 + scale) + shift
+
+
+def _qkv(w, attn, x, heads, qk_norm):
+    """Projected, optionally RMS-normalised q, k, v, each (B, heads, L, hd).
+    The fused qkv features are laid out (3, heads, hd), not (heads, 3, hd)."""
+    B, L, D = x.shape
+    qkv = nn.dense(x, w, attn + ".qkv").reshape(B, L, 3, heads, D // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, hd)
+    if qk_norm:  # per head, over hd
+        q = nn.rms_norm(q, w[attn + ".ln_q.weight"], EPS)
+        k = nn.rms_norm(k, w[attn + ".ln_k.weight"], EPS)
+    return tuple(a.transpose(0, 2, 1, 3) for a in (q, k, v))
+
+
+def _merge_heads(a):
+    B, H, L, hd = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(B, L, H * hd)
+
+
+def _mlp_residual(w, x, shift, scale, gate):
+    h = _modulate(nn.layer_norm(x, eps=EPS), shift, scale)
+    return x + gate * nn.dense(nn.gelu_tanh(nn.dense(h, w, "mlp.fc1")), w, "mlp.fc2")
+
+
+def joint_block(w, config: SD3Config, context, x, c, pre_only, dual):
+    """One joint block; w is scoped to ``joint_blocks.{i}.``. Returns (context or None, x)."""
+    heads, qk_norm = config.mmdit_num_heads, config.mmdit_qk_norm is not None
+    cw, xw = nn.Scope(w, "context_block."), nn.Scope(w, "x_block.")
+    hd = config.mmdit_head_dim
+    Lc = context.shape[1]
+
+    # Context stream. The last block is "pre-only": 2 chunks (shift, scale) and only qkv.
+    cm = _modulation(cw, c, 2 if pre_only else 6)
+    cq, ck, cv = _qkv(cw, "attn", _modulate(nn.layer_norm(context, eps=EPS), cm[0], cm[1]), heads, qk_norm)
+
+    # Image stream. Dual (MMDiT-X) blocks have 9 chunks; attn2 reuses LN(x) with chunks 6..8.
+    xm = _modulation(xw, c, 9 if dual else 6)
+    xn = nn.layer_norm(x, eps=EPS)
+    xq, xk, xv = _qkv(xw, "attn", _modulate(xn, xm[0], xm[1]), heads, qk_norm)
+
+    # Joint attention over [context; x] (context first), no mask: zero-padded context tokens take part.
+    a = nn.attention(np.concatenate([cq, xq], 2), np.concatenate([ck, xk], 2), np.concatenate([cv, xv], 2),
+                     1.0 / math.sqrt(hd))
+    a = _merge_heads(a)  # (B, Lc + N, D)
+    ca, xa = a[:, :Lc], a[:, Lc:]
+
+    x = x + xm[2] * nn.dense(xa, xw, "attn.proj")
+    if dual:  # self-attention over image tokens only; residual after attn1, before the MLP
+        q2, k2, v2 = _qkv(xw, "attn2", _modulate(xn, xm[6], xm[7]), heads, qk_norm)
+        x = x + xm[8] * nn.dense(_merge_heads(nn.attention(q2, k2, v2, 1.0 / math.sqrt(hd))), xw, "attn2.proj")
+    x = _mlp_residual(xw, x, xm[3], xm[4], xm[5])
+
+    if pre_only:
+        return None, x
+    context = context + cm[2] * nn.dense(ca, cw, "attn.proj")
+    return _mlp_residual(cw, context, cm[3], cm[4], cm[5]), x
+
+
+def forward(weights, config: SD3Config, latents, timestep, context, pooled, dtype="float32"):
+    """latents (B, H, W, C) NHWC, timestep (B,) = σ·1000, context (B, Lc, context_dim), pooled (B, pooled_dim)
+    → velocity (B, H, W, C)."""
+    latents, context, pooled = (np.asarray(a, dtype) for a in (latents, context, pooled))
+    t = np.asarray(timestep, dtype).reshape(-1)
+    p = config.mmdit_patch_size
+    B, H, W, C = latents.shape
+    h, w = H // p, W // p
+
+    x = nn.conv2d(latents, weights["x_embedder.proj.weight"], weights["x_embedder.proj.bias"], stride=p)
+    x = x.reshape(B, h * w, -1)  # (B, N, D), row-major tokens
+    x = x + np.asarray(patchify_positions(weights["pos_embed"], h, w), dtype)
+
+    c = _mlp(nn.Scope(weights, "t_embedder."), timestep_embedding(t))  # (B, D)
+    c = c + _mlp(nn.Scope(weights, "y_embedder."), pooled)
+    context = nn.dense(context, weights, "context_embedder")  # (B, Lc, D)
+
+    last = config.mmdit_num_layers - 1
+    for i in range(config.mmdit_num_layers):
+        context, x = joint_block(nn.Scope(weights, f"joint_blocks.{i}."), config, context, x, c,
+                                 pre_only=i == last, dual=i in config.mmdit_dual_attention_indices)
+
+    # Final layer: 2 chunks, shift FIRST (diffusers stores (scale, shift); the canonical file does not).
+    fw = nn.Scope(weights, "final_layer.")
+    shift, scale = _modulation(fw, c, 2)
+    x = nn.dense(_modulate(nn.layer_norm(x, eps=EPS), shift, scale), fw, "linear")  # (B, N, p·p·C)
+    return unpatchify(x, h, w, p, config.latent_channels)

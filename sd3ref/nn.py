@@ -1,0 +1,142 @@
+"""NumPy primitives shared by every component.
+
+Conventions: activations are NHWC / (B, L, D); weights keep torch layouts (Linear (out, in), Conv OIHW),
+because the canonical checkpoint is Stability's torch file. The compute dtype is the dtype of the
+activation: weights are upcast to it at use (``np.asarray(w, x.dtype)``), so float16 or memory-mapped
+weights cost nothing until a layer runs, and a float64 run never passes through float32. Scalars are Python
+floats, which NumPy treats as "weak" and never uses to promote or demote an array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from scipy.special import erf, expit
+
+
+class Scope(Mapping):
+    """Read-only view of the keys of ``weights`` that start with ``prefix``, with the prefix removed."""
+
+    def __init__(self, weights: Mapping, prefix: str):
+        self._weights, self._prefix = weights, prefix
+
+    def __getitem__(self, key):
+        return self._weights[self._prefix + key]
+
+    def __contains__(self, key):
+        return (self._prefix + key) in self._weights
+
+    def __iter__(self):
+        n = len(self._prefix)
+        return (k[n:] for k in self._weights if k.startswith(self._prefix))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def linear(x, w, b=None):
+    """``x @ w.T + b`` with a torch-layout weight ``w`` of shape (out, in)."""
+    y = x @ np.asarray(w, x.dtype).T
+    return y if b is None else y + np.asarray(b, x.dtype)
+
+
+def dense(x, weights, name):
+    """The Linear layer ``name`` of a weight mapping (``name.weight``, optional ``name.bias``)."""
+    bias = name + ".bias"
+    return linear(x, weights[name + ".weight"], weights[bias] if bias in weights else None)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last axis with the biased (population) variance; affine parts optional."""
+    mu = x.mean(-1, keepdims=True)
+    xc = x - mu
+    y = xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, x.dtype)
+    if bias is not None:
+        y = y + np.asarray(bias, x.dtype)
+    return y
+
+
+def rms_norm(x, weight=None, eps=1e-6):
+    """RMSNorm over the last axis: no mean subtraction, no bias."""
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return y if weight is None else y * np.asarray(weight, x.dtype)
+
+
+def group_norm(x, groups, weight, bias, eps=1e-6):
+    """GroupNorm on NHWC: the channel axis splits into ``groups`` contiguous groups (torch's order);
+    statistics over (H, W, C/groups), biased variance."""
+    B, H, W, C = x.shape
+    g = x.reshape(B, H, W, groups, C // groups)
+    mu = g.mean(axis=(1, 2, 4), keepdims=True)
+    gc = g - mu
+    g = gc / np.sqrt((gc * gc).mean(axis=(1, 2, 4), keepdims=True) + eps)
+    return g.reshape(B, H, W, C) * np.asarray(weight, x.dtype) + np.asarray(bias, x.dtype)
+
+
+def silu(x):
+    return x * expit(x)
+
+
+def gelu_tanh(x):
+    """The tanh approximation (torch ``approximate="tanh"``, HF ``gelu_new``)."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def gelu_erf(x):
+    """Exact GELU. scipy's erf keeps float32 and float64 as they are."""
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation: x·sigmoid(1.702x)."""
+    return x * expit(1.702 * x)
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": gelu_erf, "quick_gelu": quick_gelu, "relu": relu, "silu": silu}
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def attention(q, k, v, scale, mask=None):
+    """Scaled dot-product attention on (B, heads, L, hd). ``mask`` is added to the logits
+    (a -inf entry blocks a key; T5 passes its position bias here)."""
+    logits = (q @ k.swapaxes(-1, -2)) * scale  # (B, heads, Lq, Lk)
+    if mask is not None:
+        logits = logits + mask
+    return softmax(logits) @ v  # (B, heads, Lq, hd)
+
+
+def conv2d(x, w, b=None, stride=1, padding=0):
+    """2-D convolution of NHWC ``x`` with an OIHW weight. ``padding`` is an int (all sides) or
+    ((top, bottom), (left, right)); the VAE downsample needs ((0, 1), (0, 1)).
+
+    Written as one matmul per kernel tap (im2col without materialising the patches)."""
+    w = np.asarray(w, x.dtype)
+    O, I, kh, kw = w.shape
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    B, H, W, _ = x.shape
+    Ho, Wo = (H - kh) // stride + 1, (W - kw) // stride + 1
+    y = np.zeros((B, Ho, Wo, O), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]  # (B, Ho, Wo, I)
+            y += patch @ w[:, :, i, j].T
+    return y if b is None else y + np.asarray(b, x.dtype)
+
+
+def upsample_nearest2x(x):
+    """Nearest-neighbour ×2 on NHWC."""
+    return x.repeat(2, axis=1).repeat(2, axis=2)

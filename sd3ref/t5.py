@@ -1,0 +1,65 @@
+"""T5 v1.1 encoder (T5-XXL in SD3), HF transformers weight names.
+
+Weights are scoped to ``text_encoders.t5xxl.transformer.`` (``shared.weight``, ``encoder.*``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import nn
+from .config import T5Config
+
+
+def relative_position_buckets(length, num_buckets=32, max_distance=128):
+    """Bidirectional T5 bucket of ``key_pos - query_pos`` for every (query, key) pair → (L, L) int.
+
+    Half the buckets are for keys after the query. Within a half, distances below ``num_buckets // 4``
+    get their own bucket; larger ones are binned logarithmically up to ``max_distance`` and the bin index
+    is truncated (``int``), as in Mesh TensorFlow. (Both frameworks take the log in float32; for
+    distances up to max_distance the truncated result is the same as in float64.)"""
+    pos = np.arange(length)
+    rel = pos[None, :] - pos[:, None]  # (Lq, Lk): key - query
+    half = num_buckets // 2
+    exact = half // 2
+    n = np.abs(rel)
+    # (the maximum keeps log away from 0 on the small branch, which the where discards)
+    large = exact + (np.log(np.maximum(n, exact) / exact) / math.log(max_distance / exact)
+                     * (half - exact)).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return (rel > 0) * half + np.where(n < exact, n, large)
+
+
+def encode(weights, config: T5Config, token_ids, dtype="float32"):
+    """token_ids (B, L) int → last hidden state after the final RMSNorm (B, L, D).
+
+    No attention mask: SD3 feeds T5 an all-ones mask, so pad tokens attend and are attended to."""
+    ids = np.asarray(token_ids)
+    B, L = ids.shape
+    heads, kv = config.num_heads, config.key_value_dim
+    act = nn.ACTIVATIONS[config.activation]
+    eps = config.layer_norm_epsilon
+
+    x = np.asarray(weights["shared.weight"][ids], dtype)  # (B, L, D); T5 does not scale embeddings
+    # Only block 0 owns the relative-position table; its bias is reused by every layer.
+    table = np.asarray(weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], dtype)
+    buckets = relative_position_buckets(L, config.relative_attention_num_buckets,
+                                        config.relative_attention_max_distance)
+    bias = table[buckets].transpose(2, 0, 1)[None]  # (1, heads, L, L)
+
+    for i in range(config.num_layers):
+        w = nn.Scope(weights, f"encoder.block.{i}.")
+        h = nn.rms_norm(x, w["layer.0.layer_norm.weight"], eps)
+        q, k, v = (nn.dense(h, w, f"layer.0.SelfAttention.{n}").reshape(B, L, heads, kv).transpose(0, 2, 1, 3)
+                   for n in "qkv")  # (B, heads, L, kv)
+        # No 1/sqrt(d) scaling: T5 folds it into the initialisation of q.
+        a = nn.attention(q, k, v, 1.0, bias)
+        x = x + nn.dense(a.transpose(0, 2, 1, 3).reshape(B, L, heads * kv), w, "layer.0.SelfAttention.o")
+
+        h = nn.rms_norm(x, w["layer.1.layer_norm.weight"], eps)
+        h = act(nn.dense(h, w, "layer.1.DenseReluDense.wi_0")) * nn.dense(h, w, "layer.1.DenseReluDense.wi_1")
+        x = x + nn.dense(h, w, "layer.1.DenseReluDense.wo")
+
+    return nn.rms_norm(x, weights["encoder.final_layer_norm.weight"], eps)

@@ -1,0 +1,173 @@
+"""Parity of every sd3ref component with the golden outputs of KerasHub and diffusers.
+
+For each golden set, each weight source is loaded with ``sd3ref.weights.load_weights`` — with the config
+of that source, so each framework is compared under its own conventions — and each component is run on
+the framework's own inputs (its token ids, ``inputs.npz``) and compared with the framework's outputs:
+
+    source      weights               reference outputs                          conditioning convention
+    keras       <set>/keras/          keras_float32.npz                          keras
+    diffusers   <set>/diffusers/      diffusers_float32.npz, diffusers_float64.npz   diffusers
+    sai         <set>/sai.safetensors diffusers_float32.npz, diffusers_float64.npz   diffusers
+
+Relative error = max|ours − theirs| / max|theirs|; it must stay ≤ 1e-5 in float32 and ≤ 1e-10 in float64.
+float64 references come from torch only (KerasHub cannot compute in float64). Every framework returns a
+float32 sigma schedule, so the scheduler is checked against the float32 files only.
+
+``tests/test_parity.py`` runs the same comparisons, through ``compare`` and ``set_rows``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import conditioning, scheduler, vae
+from .config import from_diffusers
+from .model import Model
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+# (source, reference file, dtype, convention)
+RUNS = [
+    ("keras", "keras_float32.npz", "float32", "keras"),
+    ("diffusers", "diffusers_float32.npz", "float32", "diffusers"),
+    ("diffusers", "diffusers_float64.npz", "float64", "diffusers"),
+    ("sai", "diffusers_float32.npz", "float32", "diffusers"),
+    ("sai", "diffusers_float64.npz", "float64", "diffusers"),
+]
+SOURCE_PATH = {"keras": "keras", "diffusers": "diffusers", "sai": "sai.safetensors"}
+FIELDS = ("set", "component", "source", "dtype", "max_abs", "max_rel", "tolerance", "status")
+
+
+def compare(actual, expected, dtype, same_dtype=True) -> dict:
+    """The one comparison used by ``verify`` and the tests: max abs, max rel, tolerance, PASS/FAIL.
+    With ``same_dtype`` the result must also have been computed in ``dtype`` (no silent up/down-casts)."""
+    computed = np.asarray(actual).dtype
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    bad = (f"shape {actual.shape} vs {expected.shape}" if actual.shape != expected.shape else
+           f"computed in {computed}" if same_dtype and computed != np.dtype(dtype) else None)
+    if bad:
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "tolerance": TOLERANCE[dtype],
+                "status": f"FAIL ({bad})"}
+    max_abs = float(np.abs(actual - expected).max())
+    scale = float(np.abs(expected).max())
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    ok = np.isfinite(actual).all() and max_rel <= TOLERANCE[dtype]
+    return {"max_abs": max_abs, "max_rel": max_rel, "tolerance": TOLERANCE[dtype],
+            "status": "PASS" if ok else "FAIL"}
+
+
+def golden_sets(root=GOLDEN) -> list[str]:
+    return sorted(p.parent.name for p in Path(root).glob("*/manifest.json"))
+
+
+def load_npz(path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _nhwc(x, reference_file):
+    """diffusers stores images and latents NCHW (its native layout); sd3ref is NHWC."""
+    return x.transpose(0, 2, 3, 1) if reference_file.startswith("diffusers") and x.ndim == 4 else x
+
+
+def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_scheduler: bool) -> dict:
+    """sd3ref's value of every reference key it can compute, from the framework's own inputs."""
+    out = {}
+    enc = {}
+    for kind in ("tokens", "neg_tokens"):
+        if f"{kind}/clip_l" not in ref:
+            continue
+        ids = {k: ref[f"{kind}/{k}"] for k in ("clip_l", "clip_g", "t5") if f"{kind}/{k}" in ref}
+        enc[kind] = {"clip_l": model.clip_l(ids["clip_l"]), "clip_g": model.clip_g(ids["clip_g"]),
+                     "t5": model.t5(ids["t5"]) if "t5" in ids and model.config.t5 else None}
+    if "tokens" in enc:
+        e = enc["tokens"]
+        for name in ("clip_l", "clip_g"):
+            out.update({f"{name}/{k}": e[name][k] for k in ("intermediate", "sequence", "pooled")})
+        if e["t5"] is not None:
+            out["t5/sequence"] = e["t5"]
+    for kind, prefix in (("tokens", ""), ("neg_tokens", "neg_")):
+        if kind not in enc:
+            continue
+        e = enc[kind]
+        ctx, out[f"cond/{prefix}pooled"] = conditioning.condition(e["clip_l"], e["clip_g"], e["t5"], convention,
+                                                                  model.config.mmdit_context_dim)
+        # The context needs the prompt's T5 ids whenever the model has a T5.
+        if model.config.t5 is None or e["t5"] is not None:
+            out[f"cond/{prefix}context"] = ctx
+
+    out["mmdit/velocity"] = model.mmdit(inputs["mmdit/latents"], inputs["mmdit/timestep"],
+                                        inputs["mmdit/context"], inputs["mmdit/pooled"])
+    mean, logvar = model.vae_encode(inputs["vae/image"])
+    out["vae/mean"], out["vae/logvar"] = mean, logvar
+    out["vae/sample"] = vae.sample(mean, logvar, np.asarray(inputs["vae/eps"], model.dtype))
+    out["vae/decoded"] = model.vae_decode(inputs["vae/z"])
+
+    if with_scheduler:
+        for key in ref:
+            if key.startswith("scheduler/sigmas_"):
+                n, shift = key[len("scheduler/sigmas_n"):].split("_shift")
+                s = scheduler.sigmas(int(n), float(shift), model.config.num_train_timesteps)
+                out[key] = s
+                out[f"scheduler/timesteps_n{n}_shift{shift}"] = scheduler.timesteps(s, model.config.num_train_timesteps)
+    return out
+
+
+def set_rows(set_dir, runs=RUNS) -> list[dict]:
+    """Compare every component of one golden set for the given (source, file, dtype, convention) runs."""
+    from .weights import load_weights
+
+    set_dir = Path(set_dir)
+    inputs = load_npz(set_dir / "inputs.npz")
+    rows = []
+    loaded = {}
+    for source, ref_file, dtype, convention in runs:
+        if not (set_dir / ref_file).exists():
+            continue
+        if source not in loaded:
+            # A Stability file records no config and its shapes cannot show head counts (the tiny golden
+            # models' heads are not 64 wide), so it is read with the architecture of the diffusers folder.
+            config = from_diffusers(set_dir / SOURCE_PATH["diffusers"]) if source == "sai" else None
+            loaded[source] = load_weights(str(set_dir / SOURCE_PATH[source]), config)
+        weights, config = loaded[source]
+        ref = load_npz(set_dir / ref_file)
+        ours = outputs(Model(config, weights, dtype), inputs, ref, convention, with_scheduler=dtype == "float32")
+        for key in sorted(ours):
+            if key in ref:
+                row = {"set": set_dir.name, "component": key, "source": source, "dtype": dtype}
+                # The schedule is float64 by design, whatever the compute dtype.
+                row.update(compare(ours[key], _nhwc(ref[key], ref_file), dtype,
+                                   same_dtype=not key.startswith("scheduler/")))
+                rows.append(row)
+    return rows
+
+
+def run(root=GOLDEN, sets=None) -> list[dict]:
+    rows = []
+    for name in sets or golden_sets(root):
+        rows.extend(set_rows(Path(root) / name))
+    return rows
+
+
+def format_table(rows) -> str:
+    head = f"{'set':<10} {'component':<34} {'source':<9} {'dtype':<7} {'max abs':>9} {'max rel':>9} {'tol':>7}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['set']:<10} {r['component']:<34} {r['source']:<9} {r['dtype']:<7} "
+                     f"{r['max_abs']:9.2e} {r['max_rel']:9.2e} {r['tolerance']:7.0e}  {r['status']}")
+    failed = sum(r["status"] != "PASS" for r in rows)
+    lines.append(f"{len(rows)} comparisons, {failed} failed")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    sets = args.sets or golden_sets(args.golden)
+    if not sets:
+        print(f"no golden sets under {args.golden}")
+        return 1
+    rows = run(args.golden, sets)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0 if rows and all(r["status"] == "PASS" for r in rows) else 1
