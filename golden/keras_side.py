@@ -211,31 +211,29 @@ def _assign_mid(a, part, key):
     _assign_resnet(a, part.mid_block_1, key + ".mid_block.resnets.1")
 
 
+def _assign_stages(a, part, num_blocks, resamplers, key, kind):
+    """ResNet blocks (a flat list in KerasHub) and the down/up-sampling convs of one VAE half.
+    diffusers numbers both halves by execution order (up_blocks.0 runs first), as KerasHub does."""
+    blocks = iter(part.blocks)
+    for i, n in enumerate(num_blocks):
+        for j in range(n):
+            _assign_resnet(a, next(blocks), f"{key}.{kind}_blocks.{i}.resnets.{j}")
+    convs = [layer for layer in resamplers if isinstance(layer, keras.layers.Conv2D)]  # not the pad / upsample
+    for i, layer in enumerate(convs):
+        a.conv(layer, f"{key}.{kind}_blocks.{i}.{kind}samplers.0.conv")
+
+
 def _assign_vae(vae, sd):
     a = _Assigner(sd)
     enc, dec = vae.encoder, vae.decoder
     a.conv(enc.input_projection, "encoder.conv_in")
-    k = 0
-    for i, n in enumerate(enc.num_blocks if hasattr(enc, "num_blocks") else vae.encoder_num_blocks):
-        for j in range(n):
-            _assign_resnet(a, enc.blocks[k], f"encoder.down_blocks.{i}.resnets.{j}")
-            k += 1
-    convs = [l for l in enc.downsamples if isinstance(l, keras.layers.Conv2D)]
-    for i, layer in enumerate(convs):
-        a.conv(layer, f"encoder.down_blocks.{i}.downsamplers.0.conv")
+    _assign_stages(a, enc, vae.encoder_num_blocks, enc.downsamples, "encoder", "down")
     _assign_mid(a, enc, "encoder")
     a.norm(enc.output_norm, "encoder.conv_norm_out")
     a.conv(enc.output_projection, "encoder.conv_out")
     a.conv(dec.input_projection, "decoder.conv_in")
     _assign_mid(a, dec, "decoder")
-    k = 0
-    for i, n in enumerate(vae.decoder_num_blocks):
-        for j in range(n):
-            _assign_resnet(a, dec.blocks[k], f"decoder.up_blocks.{i}.resnets.{j}")
-            k += 1
-    convs = [l for l in dec.upsamples if isinstance(l, keras.layers.Conv2D)]
-    for i, layer in enumerate(convs):
-        a.conv(layer, f"decoder.up_blocks.{i}.upsamplers.0.conv")
+    _assign_stages(a, dec, vae.decoder_num_blocks, dec.upsamples, "decoder", "up")
     a.norm(dec.output_norm, "decoder.conv_norm_out")
     a.conv(dec.output_projection, "decoder.conv_out")
     a.check_done(vae, "vae")
