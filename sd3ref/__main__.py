@@ -3,7 +3,122 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+# The default model: golden/sd3's KerasHub preset (2.7 MB, tokenizers included), shipped with the package.
+EMBEDDED = Path(__file__).resolve().parent.parent / "golden" / "sd3" / "keras"
+
+
+def _guarded(command, args) -> int:
+    """Expected failures (bad files, sizes, paths) are one line on stderr and exit status 1."""
+    from converters.sources import ConversionError
+    from converters.tensors import FormatError
+
+    from .config import ConfigError
+    from .pipeline import PipelineError
+    from .tokenizers import TokenizerFileError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return command(args)
+        except (ConversionError, FormatError, ConfigError, PipelineError, TokenizerFileError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:  # includes Pillow's UnidentifiedImageError
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _read_image(path, mode, size=None):
+    """A Pillow image file → float array in [0, 1], (H, W, 3) for RGB or (H, W) for a mask."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert(mode)
+    if size is not None and im.size != size:
+        from .pipeline import PipelineError
+        raise PipelineError(f"{path}: the mask is {im.size[0]}x{im.size[1]}, the image {size[0]}x{size[1]}")
+    return np.asarray(im, np.float64) / 255
+
+
+def _load_model(args):
+    from converters.sources import config_from_file, open_safetensors
+
+    from .model import Model, load
+    from .weights import Weights
+
+    encoders = {c: getattr(args, c) for c in ("clip_l", "clip_g", "t5") if getattr(args, c)}
+    if not encoders:
+        return load(args.weights, args.dtype, args.config)
+    config = config_from_file(args.config) if args.config else None
+    plan = open_safetensors(args.weights, encoders, config)
+    return Model(plan.config, Weights(plan), args.dtype)
+
+
+def _writable(path: Path) -> None:
+    from .pipeline import PipelineError
+
+    parent = path.resolve().parent
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (
+            path.exists() and not os.access(path, os.W_OK)):
+        raise PipelineError(f"{path}: cannot write the output image there")
+
+
+def _generate(args) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from . import pipeline
+
+    output = Path(args.output)
+    _writable(output)  # before minutes of work, not after
+    image = mask = None
+    if args.init_image:
+        image = _read_image(args.init_image, "RGB") * 2 - 1  # (H, W, 3) in [-1, 1]
+    if args.mask:
+        if image is None:
+            raise pipeline.PipelineError("--mask needs --init-image")
+        mask = _read_image(args.mask, "L", (image.shape[1], image.shape[0]))
+    model = _load_model(args)
+    height, width = image.shape[:2] if image is not None else model.config.image_shape[:2]
+    if image is not None and (args.height or height, args.width or width) != (height, width):
+        raise pipeline.PipelineError(f"{args.init_image} is {width}x{height}; --width/--height must match it")
+    height, width = args.height or height, args.width or width
+    pipeline.check_components(model)
+    use_t5 = not args.no_t5 and model.config.t5 is not None
+    tokenizers = pipeline.load_tokenizers(args.weights, args.convention, args.clip_l_tokenizer,
+                                          args.clip_g_tokenizer, args.t5_tokenizer)
+    if use_t5 and tokenizers.t5 is None:
+        raise pipeline.PipelineError(f"{args.weights}: no T5 tokenizer (spiece.model) found; pass --t5-tokenizer "
+                                     "or --no-t5")
+    pipeline.check_tokenizers(tokenizers, model.config)
+
+    def progress(stage, total):
+        return tqdm(total=total, desc=f"{stage:>7}", unit="step", file=sys.stderr, leave=True)
+
+    out = pipeline.generate(model, tokenizers, args.prompt, args.negative_prompt, height=height, width=width,
+                            steps=args.steps, guidance=args.guidance, rng=np.random.default_rng(args.seed),
+                            convention=args.convention, use_t5=use_t5, image=image, mask=mask,
+                            strength=args.strength, progress=progress)
+    Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(output, format="PNG")
+    print(f"{width}x{height} {model.dtype} {args.convention} -> {output}")
+    return 0
+
+
+def _info(args) -> int:
+    from converters.inspect import describe
+    from converters.sources import open_source
+
+    print(describe(open_source(args.weights, args.config)))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -16,6 +131,60 @@ def main(argv=None) -> int:
     p.add_argument("--golden", default=str(verify.GOLDEN), help="golden fixture folder (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     p.set_defaults(func=verify.main)
+
+    p = commands.add_parser("generate", help="text-to-image, image-to-image or inpainting to a PNG "
+                                             "(default weights: the tiny embedded golden model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--width", type=int, help="default: the init image's, else the model's configured size")
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=7.0, help="≤ 1 skips the unconditional pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--convention", default="keras", choices=["keras", "diffusers", "sai"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--rounding", default="keras", choices=["keras", "diffusers", "sai"],
+                   help="uint8 conversion: keras / diffusers round, sai truncates")
+    p.add_argument("--weights", default=str(EMBEDDED),
+                   help="KerasHub preset, diffusers folder or .safetensors (default: %(default)s)")
+    p.add_argument("--config", help="config for a Stability file without sd3ref metadata (KerasHub config.json "
+                                    "or diffusers folder)")
+    for name in ("clip-l", "clip-g", "t5"):
+        p.add_argument(f"--{name}", metavar="FILE", help=f"separate {name} text-encoder file (Stability)")
+        p.add_argument(f"--{name}-tokenizer", metavar="PATH",
+                       help="tokenizer folder" + (" or SentencePiece file" if name == "t5" else ""))
+    p.add_argument("--no-t5", action="store_true", help="run without T5 even if the weights hold it")
+    p.add_argument("--init-image", help="image-to-image / inpainting input")
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--mask", help="inpainting mask, same size as the init image: white (> 0.5) = repaint")
+    p.add_argument("-o", "--output", default="sd3ref.png", help="PNG to write (default: %(default)s)")
+    p.set_defaults(func=lambda args: _guarded(_generate, args))
+
+    p = commands.add_parser("info", help="what a checkpoint holds: format, components, dtypes, parameters, config")
+    p.add_argument("weights", nargs="?", default=str(EMBEDDED), help="default: the embedded model")
+    p.add_argument("--config", help="config for a Stability file without sd3ref metadata")
+    p.set_defaults(func=lambda args: _guarded(_info, args))
+
+    from . import compare, trace
+    p = commands.add_parser("trace", help="record every named intermediate of a run on golden-style inputs "
+                                          "to a safetensors file (names: docs/porting.md)")
+    p.add_argument("source", help="KerasHub preset, diffusers folder or .safetensors")
+    p.add_argument("--inputs", action="append", required=True,
+                   help="npz with golden input keys (tokens/*, mmdit/*, vae/image, vae/z); repeat to merge")
+    p.add_argument("-o", "--output", required=True, help="trace file to write (.safetensors)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--convention", default="diffusers", choices=["keras", "diffusers", "sai"])
+    p.add_argument("--config", help="config for a Stability file without metadata (see sd3ref.load)")
+    p.set_defaults(func=trace.main)
+
+    p = commands.add_parser("compare", help="compare a port's trace with sd3ref's and name the first divergence")
+    p.add_argument("theirs", help="the port's (or a framework's) trace, .safetensors")
+    p.add_argument("ours", help="sd3ref's trace of the same run (python -m sd3ref trace)")
+    p.add_argument("--map", help="JSON: renames and layout hints (see sd3ref.compare)")
+    p.add_argument("--rtol", type=float, help="default 1e-10 if both traces are float64, else 1e-5")
+    p.add_argument("--atol", type=float, default=0.0)
+    p.add_argument("--json", action="store_true", help="print rows and verdict as JSON")
+    p.set_defaults(func=compare.main)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import trace
+
 CONVENTIONS = ("keras", "diffusers", "sai")
 # Zero tokens that stand in for a missing T5.
 MISSING_T5_TOKENS = {"keras": 77, "diffusers": 256, "sai": 77}
@@ -36,4 +38,7 @@ def condition(clip_l: dict, clip_g: dict, t5=None, convention="keras", context_d
     context = np.concatenate([lg, np.asarray(t5, lg.dtype)], axis=1)
 
     pooled_l = clip_l["eos"] if convention == "sai" else clip_l["pooled"]
-    return context, np.concatenate([pooled_l, clip_g["pooled"]], axis=-1)
+    pooled = np.concatenate([pooled_l, clip_g["pooled"]], axis=-1)
+    trace.record("cond.context", context)
+    trace.record("cond.pooled", pooled)
+    return context, pooled

@@ -9,10 +9,14 @@ import math
 
 import numpy as np
 
-from . import nn
+from . import nn, trace
 from .config import SD3Config
 
 EPS = 1e-6  # every MMDiT LayerNorm (no affine) and the q/k RMSNorms
+# Trace names of the adaLN chunks in Stability's order (diffusers' variable names).
+CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp",
+          "shift_msa2", "scale_msa2", "gate_msa2")
+FINAL_CHUNKS = ("shift", "scale")
 
 
 def patchify_positions(pos_embed, h, w):
@@ -46,18 +50,17 @@ def _mlp(w, x):
     return nn.dense(nn.silu(nn.dense(x, w, "mlp.0")), w, "mlp.2")
 
 
-def _modulation(w, c, n):
+def _modulation(w, c, n, name, chunk_names=CHUNKS):
     """adaLN = Linear(SiLU(c)) split into n contiguous (B, 1, D) chunks, in Stability's order."""
     mod = nn.dense(nn.silu(c), w, "adaLN_modulation.1")  # (B, n·D)
-    return np.split(mod[:, None, :], n, axis=-1)
+    chunks = np.split(mod[:, None, :], n, axis=-1)
+    for chunk_name, chunk in zip(chunk_names, chunks):
+        trace.record(f"{name}.mod.{chunk_name}", chunk[:, 0])
+    return chunks
 
 
-def _modulate(x, shift, scale):
-    return x * (1.0 + scale) + shift
-
-
-def _qkv(w, attn, x, heads, qk_norm):
-    """Projected, optionally RMS-normalised q, k, v, each (B, heads, L, hd).
+def _qkv(w, attn, x, heads, qk_norm, names):
+    """Projected, optionally RMS-normalised q, k, v, each (B, heads, L, hd), traced under ``names``.
     The fused qkv features are laid out (3, heads, hd), not (heads, 3, hd)."""
     B, L, D = x.shape
     qkv = nn.dense(x, w, attn + ".qkv").reshape(B, L, 3, heads, D // heads)
@@ -65,7 +68,10 @@ def _qkv(w, attn, x, heads, qk_norm):
     if qk_norm:  # per head, over hd
         q = nn.rms_norm(q, w[attn + ".ln_q.weight"], EPS)
         k = nn.rms_norm(k, w[attn + ".ln_k.weight"], EPS)
-    return tuple(a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    for n, a in zip(names, (q, k, v)):
+        trace.record(n, a)
+    return q, k, v
 
 
 def _merge_heads(a):
@@ -73,26 +79,32 @@ def _merge_heads(a):
     return a.transpose(0, 2, 1, 3).reshape(B, L, H * hd)
 
 
-def _mlp_residual(w, x, shift, scale, gate):
-    h = _modulate(nn.layer_norm(x, eps=EPS), shift, scale)
-    return x + gate * nn.dense(nn.gelu_tanh(nn.dense(h, w, "mlp.fc1")), w, "mlp.fc2")
+def _mlp_residual(w, x, shift, scale, gate, name):
+    h = nn.layer_norm_modulate(x, shift, scale, EPS)
+    h = nn.dense(nn.gelu_tanh(nn.dense(h, w, "mlp.fc1")), w, "mlp.fc2")
+    trace.record(name + ".mlp", h)
+    x = x + gate * h
+    trace.record(name + ".out", x)
+    return x
 
 
-def joint_block(w, config: SD3Config, context, x, c, pre_only, dual):
-    """One joint block; w is scoped to ``joint_blocks.{i}.``. Returns (context or None, x)."""
+def joint_block(w, config: SD3Config, context, x, c, pre_only, dual, name):
+    """One joint block; w is scoped to ``joint_blocks.{i}.``, ``name`` is its trace name.
+    Returns (context or None, x)."""
     heads, qk_norm = config.mmdit_num_heads, config.mmdit_qk_norm is not None
     cw, xw = nn.Scope(w, "context_block."), nn.Scope(w, "x_block.")
     hd = config.mmdit_head_dim
     Lc = context.shape[1]
 
     # Context stream. The last block is "pre-only": 2 chunks (shift, scale) and only qkv.
-    cm = _modulation(cw, c, 2 if pre_only else 6)
-    cq, ck, cv = _qkv(cw, "attn", _modulate(nn.layer_norm(context, eps=EPS), cm[0], cm[1]), heads, qk_norm)
+    cm = _modulation(cw, c, 2 if pre_only else 6, name + ".context")
+    cq, ck, cv = _qkv(cw, "attn", nn.layer_norm_modulate(context, cm[0], cm[1], EPS), heads, qk_norm,
+                      [f"{name}.context.{n}" for n in "qkv"])
 
     # Image stream. Dual (MMDiT-X) blocks have 9 chunks; attn2 reuses LN(x) with chunks 6..8.
-    xm = _modulation(xw, c, 9 if dual else 6)
-    xn = nn.layer_norm(x, eps=EPS)
-    xq, xk, xv = _qkv(xw, "attn", _modulate(xn, xm[0], xm[1]), heads, qk_norm)
+    xm = _modulation(xw, c, 9 if dual else 6, name + ".x")
+    x_in = x
+    xq, xk, xv = _qkv(xw, "attn", nn.layer_norm_modulate(x_in, xm[0], xm[1], EPS), heads, qk_norm, [f"{name}.x.{n}" for n in "qkv"])
 
     # Joint attention over [context; x] (context first), no mask: zero-padded context tokens take part.
     a = nn.attention(np.concatenate([cq, xq], 2), np.concatenate([ck, xk], 2), np.concatenate([cv, xv], 2),
@@ -100,16 +112,23 @@ def joint_block(w, config: SD3Config, context, x, c, pre_only, dual):
     a = _merge_heads(a)  # (B, Lc + N, D)
     ca, xa = a[:, :Lc], a[:, Lc:]
 
-    x = x + xm[2] * nn.dense(xa, xw, "attn.proj")
+    xa = nn.dense(xa, xw, "attn.proj")
+    trace.record(name + ".x.attn", xa)
+    x = x + xm[2] * xa
     if dual:  # self-attention over image tokens only; residual after attn1, before the MLP
-        q2, k2, v2 = _qkv(xw, "attn2", _modulate(xn, xm[6], xm[7]), heads, qk_norm)
-        x = x + xm[8] * nn.dense(_merge_heads(nn.attention(q2, k2, v2, 1.0 / math.sqrt(hd))), xw, "attn2.proj")
-    x = _mlp_residual(xw, x, xm[3], xm[4], xm[5])
+        q2, k2, v2 = _qkv(xw, "attn2", nn.layer_norm_modulate(x_in, xm[6], xm[7], EPS), heads, qk_norm,
+                          [f"{name}.x.{n}2" for n in "qkv"])
+        a2 = nn.dense(_merge_heads(nn.attention(q2, k2, v2, 1.0 / math.sqrt(hd))), xw, "attn2.proj")
+        trace.record(name + ".x.attn2", a2)
+        x = x + xm[8] * a2
+    x = _mlp_residual(xw, x, xm[3], xm[4], xm[5], name + ".x")
 
     if pre_only:
         return None, x
-    context = context + cm[2] * nn.dense(ca, cw, "attn.proj")
-    return _mlp_residual(cw, context, cm[3], cm[4], cm[5]), x
+    ca = nn.dense(ca, cw, "attn.proj")
+    trace.record(name + ".context.attn", ca)
+    context = context + cm[2] * ca
+    return _mlp_residual(cw, context, cm[3], cm[4], cm[5], name + ".context"), x
 
 
 def forward(weights, config: SD3Config, latents, timestep, context, pooled, dtype="float32"):
@@ -124,18 +143,31 @@ def forward(weights, config: SD3Config, latents, timestep, context, pooled, dtyp
     x = nn.conv2d(latents, weights["x_embedder.proj.weight"], weights["x_embedder.proj.bias"], stride=p)
     x = x.reshape(B, h * w, -1)  # (B, N, D), row-major tokens
     x = x + np.asarray(patchify_positions(weights["pos_embed"], h, w), dtype)
+    trace.record("mmdit.x_embed", x)
 
-    c = _mlp(nn.Scope(weights, "t_embedder."), timestep_embedding(t))  # (B, D)
-    c = c + _mlp(nn.Scope(weights, "y_embedder."), pooled)
+    trace.record("mmdit.timestep", t)
+    t_freq = timestep_embedding(t)
+    trace.record("mmdit.t_freq", t_freq)
+    t_embed = _mlp(nn.Scope(weights, "t_embedder."), t_freq)  # (B, D)
+    trace.record("mmdit.t_embed", t_embed)
+    y_embed = _mlp(nn.Scope(weights, "y_embedder."), pooled)
+    trace.record("mmdit.y_embed", y_embed)
+    c = t_embed + y_embed
+    trace.record("mmdit.c", c)
     context = nn.dense(context, weights, "context_embedder")  # (B, Lc, D)
+    trace.record("mmdit.context_embed", context)
 
     last = config.mmdit_num_layers - 1
     for i in range(config.mmdit_num_layers):
         context, x = joint_block(nn.Scope(weights, f"joint_blocks.{i}."), config, context, x, c,
-                                 pre_only=i == last, dual=i in config.mmdit_dual_attention_indices)
+                                 pre_only=i == last, dual=i in config.mmdit_dual_attention_indices,
+                                 name=f"mmdit.blocks.{i}")
 
     # Final layer: 2 chunks, shift FIRST (diffusers stores (scale, shift); the canonical file does not).
     fw = nn.Scope(weights, "final_layer.")
-    shift, scale = _modulation(fw, c, 2)
-    x = nn.dense(_modulate(nn.layer_norm(x, eps=EPS), shift, scale), fw, "linear")  # (B, N, p·p·C)
-    return unpatchify(x, h, w, p, config.latent_channels)
+    shift, scale = _modulation(fw, c, 2, "mmdit.final", FINAL_CHUNKS)
+    x = nn.dense(nn.layer_norm_modulate(x, shift, scale, EPS), fw, "linear")  # (B, N, p·p·C)
+    trace.record("mmdit.final.linear", x)
+    v = unpatchify(x, h, w, p, config.latent_channels)
+    trace.record("mmdit.velocity", v)
+    return v

@@ -31,10 +31,10 @@ class Model:
     dtype: str = "float32"  # compute dtype: "float32" or "float64"
 
     def clip_l(self, token_ids) -> dict:
-        return clip.encode(_scope(self.weights, "clip_l"), self.config.clip_l, token_ids, self.dtype)
+        return clip.encode(_scope(self.weights, "clip_l"), self.config.clip_l, token_ids, self.dtype, "clip_l")
 
     def clip_g(self, token_ids) -> dict:
-        return clip.encode(_scope(self.weights, "clip_g"), self.config.clip_g, token_ids, self.dtype)
+        return clip.encode(_scope(self.weights, "clip_g"), self.config.clip_g, token_ids, self.dtype, "clip_g")
 
     def t5(self, token_ids):
         if self.config.t5 is None:

@@ -15,13 +15,16 @@ def shift_sigma(sigma, shift):
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
+def sigmas(num_steps, shift=3.0, num_train_timesteps=1000, table_dtype=np.float64):
     """The N+1 sigmas of an N-step schedule: N decreasing from 1, then a terminal 0.
 
     σ_min is the last entry of the *shifted* training table, S(1/num_train_timesteps), and the linspace
     between 1 and σ_min is shifted again: σ_min is shifted twice, exactly as in SAI, diffusers and KerasHub.
-    So the last nonzero sigma for N=28, shift 3 is 0.008929, not S(0.001) = 0.002994."""
-    sigma_min = shift_sigma(1.0 / num_train_timesteps, shift)
+    So the last nonzero sigma for N=28, shift 3 is 0.008929, not S(0.001) = 0.002994.
+    ``table_dtype=np.float32`` computes that table entry in float32, as diffusers does even when the rest
+    of its schedule is float64 (it moves the float64 sigmas by ~3e-10)."""
+    d = np.dtype(table_dtype).type
+    sigma_min = float(shift_sigma(d(1) / d(num_train_timesteps), d(shift)))
     t = np.linspace(num_train_timesteps, num_train_timesteps * sigma_min, num_steps, dtype=np.float64)
     return np.append(shift_sigma(t / num_train_timesteps, shift), 0.0)
 

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import nn
+from . import nn, trace
 from .config import T5Config
 
 
@@ -43,6 +43,7 @@ def encode(weights, config: T5Config, token_ids, dtype="float32"):
     eps = config.layer_norm_epsilon
 
     x = np.asarray(weights["shared.weight"][ids], dtype)  # (B, L, D); T5 does not scale embeddings
+    trace.record("t5.embeddings", x)
     # Only block 0 owns the relative-position table; its bias is reused by every layer.
     table = np.asarray(weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"], dtype)
     buckets = relative_position_buckets(L, config.relative_attention_num_buckets,
@@ -56,10 +57,17 @@ def encode(weights, config: T5Config, token_ids, dtype="float32"):
                    for n in "qkv")  # (B, heads, L, kv)
         # No 1/sqrt(d) scaling: T5 folds it into the initialisation of q.
         a = nn.attention(q, k, v, 1.0, bias)
-        x = x + nn.dense(a.transpose(0, 2, 1, 3).reshape(B, L, heads * kv), w, "layer.0.SelfAttention.o")
+        a = nn.dense(a.transpose(0, 2, 1, 3).reshape(B, L, heads * kv), w, "layer.0.SelfAttention.o")
+        trace.record(f"t5.layers.{i}.attn", a)
+        x = x + a
 
         h = nn.rms_norm(x, w["layer.1.layer_norm.weight"], eps)
         h = act(nn.dense(h, w, "layer.1.DenseReluDense.wi_0")) * nn.dense(h, w, "layer.1.DenseReluDense.wi_1")
-        x = x + nn.dense(h, w, "layer.1.DenseReluDense.wo")
+        h = nn.dense(h, w, "layer.1.DenseReluDense.wo")
+        trace.record(f"t5.layers.{i}.mlp", h)
+        x = x + h
+        trace.record(f"t5.layers.{i}.out", x)
 
-    return nn.rms_norm(x, weights["encoder.final_layer_norm.weight"], eps)
+    x = nn.rms_norm(x, weights["encoder.final_layer_norm.weight"], eps)
+    trace.record("t5.final_layer_norm", x)
+    return x

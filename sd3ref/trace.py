@@ -1,9 +1,10 @@
 """Named intermediate activations, for diffing a port against sd3ref (docs/porting.md).
 
 Components call ``record(name, array)`` at every point a porter may want to compare. It returns at once
-unless a ``tracing()`` context is active — one global read per call, no copy, no string work — so a run
-without tracing costs nothing measurable (``tests/test_trace.py`` checks the structure,
-``python -m sd3ref.trace --bench`` measures it).
+unless a ``tracing()`` context is active — one global read, no copy, no conversion — so a run without
+tracing costs nothing measurable: ``tests/test_trace.py`` checks that ``record`` does not touch its
+argument when off, ``python -m sd3ref.trace`` times an MMDiT forward with ``record`` as it is and as a
+no-op function (the name strings built at the call sites are included in both).
 
     with sd3ref.trace.tracing("ours.safetensors") as tensors:   # dict name -> array, execution order
         model.mmdit(latents, t, context, pooled)
@@ -20,7 +21,9 @@ import json
 
 import numpy as np
 
-ORDER_KEY = "sd3ref.trace.order"  # safetensors metadata: JSON list of names in execution order
+# The one safetensors metadata key: JSON {"order": names in execution order, ...caller's metadata}.
+# One key, because safetensors writes a metadata map in random key order and traces must be bit-identical.
+META_KEY = "sd3ref.trace"
 
 _active: dict | None = None
 _prefix = ""
@@ -39,7 +42,7 @@ def record(name: str, array) -> None:
 
 @contextlib.contextmanager
 def scope(name: str):
-    """Prefix the names recorded inside with ``name.`` (e.g. ``steps.3`` for a denoising step)."""
+    """Prefix the names recorded inside with ``name.`` (e.g. ``step3`` for a denoising step)."""
     global _prefix
     outer = _prefix
     _prefix = f"{outer}{name}."
@@ -70,7 +73,7 @@ def save(tensors: dict, path, metadata: dict | None = None) -> None:
     from safetensors.numpy import save_file
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta[ORDER_KEY] = json.dumps(list(tensors))
+    meta = {META_KEY: json.dumps({"order": list(tensors), **meta})}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=meta)
 
 
@@ -81,61 +84,92 @@ def load(path) -> tuple[dict, dict]:
 
     with safe_open(str(path), "numpy") as f:
         metadata = dict(f.metadata() or {})
+        metadata.update(json.loads(metadata.pop(META_KEY, "{}")))
         names = list(f.keys())
-        order = json.loads(metadata.pop(ORDER_KEY, "[]"))
+        order = metadata.pop("order", [])
         names = [n for n in order if n in names] + [n for n in names if n not in order]
         return {n: f.get_tensor(n) for n in names}, metadata
 
 
-def _bench(repeats=5) -> None:
-    """Times the same MMDiT forward with tracing off, then with every record() call removed
-    (``record`` replaced by a bare pass-through), then with tracing on."""
+def run(model, inputs: dict, convention="diffusers") -> None:
+    """The traced run of ``python -m sd3ref trace`` and of golden/trace_*.py: every component on the
+    golden input keys that ``inputs`` holds (NHWC), in pipeline order:
+    ``tokens/{clip_l,clip_g,t5}`` → text encoders and conditioning; ``mmdit/{latents,timestep,context,pooled}``
+    → MMDiT; ``vae/image`` → VAE encoder and ``vae.to_latent`` of the mean; ``vae/z``, taken as a diffusion
+    latent → ``vae.from_latent`` and the decoder. Call it inside ``tracing()``."""
+    from . import vae
+
+    if "tokens/clip_l" in inputs:
+        t5_ids = inputs.get("tokens/t5")
+        model.condition(inputs["tokens/clip_l"], inputs["tokens/clip_g"], t5_ids, convention)
+    if "mmdit/latents" in inputs:
+        model.mmdit(inputs["mmdit/latents"], inputs["mmdit/timestep"], inputs["mmdit/context"],
+                    inputs["mmdit/pooled"])
+    if "vae/image" in inputs:
+        vae.to_latent(model.vae_encode(inputs["vae/image"])[0], model.config.vae)
+    if "vae/z" in inputs:
+        model.vae_decode(vae.from_latent(np.asarray(inputs["vae/z"], model.dtype), model.config.vae))
+
+
+def main(args) -> int:
+    """``python -m sd3ref trace``."""
+    from .model import load
+
+    inputs = {}
+    for path in args.inputs:
+        with np.load(path) as f:
+            inputs.update((k, f[k]) for k in f.files)
+    model = load(args.source, args.dtype, args.config)
+    meta = {"source": args.source, "dtype": model.dtype, "convention": args.convention, "tool": "sd3ref"}
+    with tracing(args.output, meta) as tensors:
+        run(model, inputs, args.convention)
+    print(f"{len(tensors)} tensors ({model.dtype}) -> {args.output}")
+    return 0
+
+
+def _bench(repeats=5, calls=20) -> None:
+    """Times the sd35 golden MMDiT forward with tracing off, with record() replaced by a no-op function
+    (the cost of the calls themselves), and with tracing on."""
     import time
 
-    from . import mmdit, verify
-    from .weights import load_weights
+    from . import trace as this  # under ``python -m`` this file also runs as __main__, a second module
+    from . import verify
+    from .model import load
 
-    global record
     set_dir = verify.GOLDEN / "sd35"
-    weights, config = load_weights(str(set_dir / "diffusers"))
-    weights = {k: weights[k] for k in weights}
+    model = load(str(set_dir / "diffusers"))
+    model = type(model)(model.config, {k: model.weights[k] for k in model.weights})  # decoded once
     inputs = verify.load_npz(set_dir / "inputs.npz")
-    w = {k[len("model.diffusion_model."):]: v for k, v in weights.items() if k.startswith("model.diffusion_model.")}
 
-    def run():
-        return mmdit.forward(w, config, inputs["mmdit/latents"], inputs["mmdit/timestep"],
-                             inputs["mmdit/context"], inputs["mmdit/pooled"])
-
-    def best():
+    def best(traced=False):
+        def run():
+            model.mmdit(inputs["mmdit/latents"], inputs["mmdit/timestep"], inputs["mmdit/context"],
+                        inputs["mmdit/pooled"])
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for _ in range(20):
-                run()
-            times.append((time.perf_counter() - t0) / 20)
+            for _ in range(calls):
+                if traced:
+                    with this.tracing():
+                        run()
+                else:
+                    run()
+            times.append((time.perf_counter() - t0) / calls)
         return min(times)
 
-    run()
+    best()
     off = best()
-    original, record = record, lambda name, array: None
+    original, this.record = this.record, lambda name, array: None
     try:
-        absent = best()
+        stub = best()
     finally:
-        record = original
-    with tracing() as tensors:
-        run()
-    n = len(tensors)
-
-    def traced():
-        with tracing():
-            run()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        traced()
-    on = (time.perf_counter() - t0) / 20
-    print(f"MMDiT forward (sd35 golden, {n} record() calls): tracing off {off * 1e3:.3f} ms, "
-          f"record() stubbed out {absent * 1e3:.3f} ms ({(off / absent - 1) * 100:+.1f} %), "
-          f"tracing on {on * 1e3:.3f} ms")
+        this.record = original
+    on = best(traced=True)
+    with this.tracing() as tensors:
+        model.mmdit(inputs["mmdit/latents"], inputs["mmdit/timestep"], inputs["mmdit/context"], inputs["mmdit/pooled"])
+    print(f"MMDiT forward, sd35 golden, {len(tensors)} record() calls, best of {repeats}×{calls}: "
+          f"tracing off {off * 1e3:.3f} ms, record() a no-op {stub * 1e3:.3f} ms "
+          f"(difference {(off - stub) / stub * 100:+.1f} %), tracing on {on * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

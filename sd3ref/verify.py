@@ -13,6 +13,11 @@ Relative error = max|ours − theirs| / max|theirs|; it must stay ≤ 1e-5 in fl
 float64 references come from torch only (KerasHub cannot compute in float64). Every framework returns a
 float32 sigma schedule, so the scheduler is checked against the float32 files only.
 
+The generation stages (``t2i``, ``i2i``, ``inpaint``) run ``sd3ref.pipeline`` on the framework's token ids and
+injected noise: every step's latents and the decoded image to the same tolerances; the uint8 images, in
+the framework's own rounding, in counts (``UINT8_TOLERANCE``). The diffusers files hold no ``t5/sequence``
+(it is ``cond/context[:, 77:]``, see golden/README.md): that slice is the reference.
+
 ``tests/test_parity.py`` runs the same comparisons, through ``compare`` and ``set_rows``.
 """
 
@@ -23,12 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conditioning, scheduler, vae
+from . import conditioning, pipeline, scheduler, vae
 from .config import from_diffusers
 from .model import Model
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+# uint8 images, in counts. A decoded value within float32 round-off of a rounding boundary (x.5 counts)
+# may land on either side: in float32 one count; in float64 the error (~1e-15) is far below any such gap.
+UINT8_TOLERANCE = {"float32": 1, "float64": 0}
 # (source, reference file, dtype, convention)
 RUNS = [
     ("keras", "keras_float32.npz", "float32", "keras"),
@@ -43,8 +51,11 @@ FIELDS = ("set", "component", "source", "dtype", "max_abs", "max_rel", "toleranc
 
 def compare(actual, expected, dtype, same_dtype=True) -> dict:
     """The one comparison used by ``verify`` and the tests: max abs, max rel, tolerance, PASS/FAIL.
-    With ``same_dtype`` the result must also have been computed in ``dtype`` (no silent up/down-casts)."""
+    With ``same_dtype`` the result must also have been computed in ``dtype`` (no silent up/down-casts).
+    uint8 references (images) are compared in counts: max_abs and the tolerance are counts."""
     computed = np.asarray(actual).dtype
+    if np.asarray(expected).dtype == np.uint8:
+        return _compare_uint8(actual, expected, dtype)
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     bad = (f"shape {actual.shape} vs {expected.shape}" if actual.shape != expected.shape else
            f"computed in {computed}" if same_dtype and computed != np.dtype(dtype) else None)
@@ -59,6 +70,17 @@ def compare(actual, expected, dtype, same_dtype=True) -> dict:
             "status": "PASS" if ok else "FAIL"}
 
 
+def _compare_uint8(actual, expected, dtype) -> dict:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    tol = UINT8_TOLERANCE[dtype]
+    if actual.shape != expected.shape or actual.dtype != np.uint8:
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "tolerance": tol,
+                "status": f"FAIL (shape {actual.shape} {actual.dtype} vs {expected.shape} uint8)"}
+    counts = int(np.abs(actual.astype(np.int16) - expected.astype(np.int16)).max())
+    return {"max_abs": float(counts), "max_rel": counts / 255, "tolerance": tol,
+            "status": "PASS" if counts <= tol else "FAIL"}
+
+
 def golden_sets(root=GOLDEN) -> list[str]:
     return sorted(p.parent.name for p in Path(root).glob("*/manifest.json"))
 
@@ -70,11 +92,13 @@ def load_npz(path) -> dict:
 
 def _nhwc(x, reference_file):
     """diffusers stores images and latents NCHW (its native layout); sd3ref is NHWC."""
-    return x.transpose(0, 2, 3, 1) if reference_file.startswith("diffusers") and x.ndim == 4 else x
+    nchw = reference_file.startswith("diffusers") and x.ndim == 4 and x.dtype != np.uint8  # uint8: NHWC
+    return x.transpose(0, 2, 3, 1) if nchw else x
 
 
-def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_scheduler: bool) -> dict:
-    """sd3ref's value of every reference key it can compute, from the framework's own inputs."""
+def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_scheduler: bool, constants=None) -> dict:
+    """sd3ref's value of every reference key it can compute, from the framework's own inputs; the
+    generation stages too when the set's ``constants`` (manifest.json) are given."""
     out = {}
     enc = {}
     for kind in ("tokens", "neg_tokens"):
@@ -106,6 +130,9 @@ def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_schedul
     out["vae/sample"] = vae.sample(mean, logvar, np.asarray(inputs["vae/eps"], model.dtype))
     out["vae/decoded"] = model.vae_decode(inputs["vae/z"])
 
+    if constants is not None:
+        out.update(pipeline_outputs(model, inputs, ref, convention, constants))
+
     if with_scheduler:
         for key in ref:
             if key.startswith("scheduler/sigmas_"):
@@ -116,12 +143,39 @@ def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_schedul
     return out
 
 
+def pipeline_outputs(model: Model, inputs: dict, ref: dict, convention: str, constants: dict) -> dict:
+    """The three generation stages with the framework's token ids, noise and VAE ε (inputs.npz) and the
+    set's constants (manifest.json: guidance, step counts, strength): the latents ``<stage>/latents_<k>``
+    after the k-th step, the decoded image, and the uint8 image in the framework's own rounding."""
+    ids = {k: ref[f"tokens/{k}"] for k in ("clip_l", "clip_g", "t5") if f"tokens/{k}" in ref}
+    neg = {k: ref[f"neg_tokens/{k}"] for k in ids}
+    cond = pipeline.encode_text(model, ids, neg, convention)
+    rounding = "keras" if convention == "keras" else "diffusers"
+    out = {}
+
+    def stage(name, run):
+        def record(k, latents):
+            out[f"{name}/latents_{k}"] = latents
+        out[f"{name}/decoded"] = run(record)
+        out[f"{name}/image_uint8"] = pipeline.to_uint8(out[f"{name}/decoded"], rounding)
+
+    g = constants["GUIDANCE"]
+    stage("t2i", lambda rec: pipeline.text_to_image(model, cond, inputs["t2i/latents"], constants["T2I_STEPS"], g,
+                                                          convention, rec))
+    i2i = dict(image=inputs["i2i/image"], noise=inputs["i2i/noise"], steps=constants["I2I_STEPS"],
+               strength=constants["I2I_STRENGTH"], guidance=g, vae_eps=inputs["i2i/vae_eps"], convention=convention)
+    stage("i2i", lambda rec: pipeline.image_to_image(model, cond, **i2i, on_step=rec))
+    stage("inpaint", lambda rec: pipeline.inpaint(model, cond, mask=inputs["inpaint/mask"], **i2i, on_step=rec))
+    return out
+
+
 def set_rows(set_dir, runs=RUNS) -> list[dict]:
     """Compare every component of one golden set for the given (source, file, dtype, convention) runs."""
     from .weights import load_weights
 
     set_dir = Path(set_dir)
     inputs = load_npz(set_dir / "inputs.npz")
+    constants = json.loads((set_dir / "manifest.json").read_text())["constants"]
     rows = []
     loaded = {}
     for source, ref_file, dtype, convention in runs:
@@ -131,10 +185,16 @@ def set_rows(set_dir, runs=RUNS) -> list[dict]:
             # A Stability file records no config and its shapes cannot show head counts (the tiny golden
             # models' heads are not 64 wide), so it is read with the architecture of the diffusers folder.
             config = from_diffusers(set_dir / SOURCE_PATH["diffusers"]) if source == "sai" else None
-            loaded[source] = load_weights(str(set_dir / SOURCE_PATH[source]), config)
+            weights, config = load_weights(str(set_dir / SOURCE_PATH[source]), config)
+            # Read once: the generation stages call the MMDiT dozens of times, and a lazy mapping re-reads
+            # (and re-lays-out) every tensor on every access.
+            loaded[source] = {k: weights[k] for k in weights}, config
         weights, config = loaded[source]
         ref = load_npz(set_dir / ref_file)
-        ours = outputs(Model(config, weights, dtype), inputs, ref, convention, with_scheduler=dtype == "float32")
+        if "tokens/t5" in ref and "t5/sequence" not in ref:  # diffusers: stored once, inside the context
+            ref["t5/sequence"] = ref["cond/context"][:, 77:]
+        ours = outputs(Model(config, weights, dtype), inputs, ref, convention, with_scheduler=dtype == "float32",
+                       constants=constants)
         for key in sorted(ours):
             if key in ref:
                 row = {"set": set_dir.name, "component": key, "source": source, "dtype": dtype}

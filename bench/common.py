@@ -1,0 +1,68 @@
+"""Shared benchmark helpers: the in-process baselines (matmul roofline, memory bandwidth), peak RSS,
+random full-size SD3-medium configs and weights. Benchmarks never run in CI (a smoke test runs them tiny)."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from converters import canonical
+from sd3ref.config import SD3Config
+
+
+def sd3_medium(layers=24, hidden=1536, heads=24, position=192, context_dim=4096) -> SD3Config:
+    """SD3-medium's MMDiT and VAE (the defaults); smaller values only for the smoke test."""
+    return SD3Config(mmdit_hidden_dim=hidden, mmdit_num_layers=layers, mmdit_num_heads=heads,
+                     mmdit_position_size=position, mmdit_context_dim=context_dim)
+
+
+def tensor_init(name, shape, dtype, rng):
+    """A random tensor scaled so activations stay finite through 24 blocks (NaN/inf would change timings)."""
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    a = rng.standard_normal(shape, dtype=np.float32)
+    a *= 1.0 / np.sqrt(fan_in) if len(shape) > 1 else 0.02
+    return a.astype(dtype, copy=False)
+
+
+def random_weights(shapes: dict, dtype="float32", seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {n: tensor_init(n, s, dtype, rng) for n, s in shapes.items()}
+
+
+def best_of(fn, repeat=3):
+    """(best, all) wall times of ``repeat`` calls."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), times
+
+
+def matmul_gflops(n=2048, dtype="float32", repeat=3) -> float:
+    """The float32 BLAS roofline of this run: GFLOP/s of an n×n×n product, best of ``repeat``."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+    out = np.empty((n, n), dtype)
+    np.matmul(a, b, out=out)
+    best, _ = best_of(lambda: np.matmul(a, b, out=out), repeat)
+    return 2 * n**3 / best / 1e9
+
+
+def copy_gbps(nbytes=256 << 20, repeat=5) -> float:
+    """Memory bandwidth of this run: GB/s moved (read + write) by a large float32 copy."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    best, _ = best_of(lambda: np.copyto(b, a), repeat)
+    return 2 * nbytes / best / 1e9
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def spread(times) -> str:
+    return f"{min(times):.3f}–{max(times):.3f} s (n={len(times)})"

@@ -1,0 +1,90 @@
+"""Fused elementwise kernels against the memory bandwidth, and attention against the plain NumPy path and
+the matmul roofline, all measured in the same run. Sizes are those of the SD3-medium MMDiT at 512×512
+(batch 2: 2×1024 image + 2×333 context tokens, hidden 1536, 24 heads) and of the VAE decoder's largest stage.
+
+    python -m bench.kernels            # --scale 0.25 shrinks every size (the smoke test uses it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+
+from bench.common import best_of, copy_gbps, matmul_gflops, peak_rss_gb
+from sd3ref import kernels, nn
+
+
+def _plain(fn, *args):
+    nn.use_kernels(False)
+    try:
+        return fn(*args)
+    finally:
+        nn.use_kernels(True)
+
+
+def elementwise(scale, repeat):
+    bw = copy_gbps()
+    rng = np.random.default_rng(0)
+    B, L, D = 2, max(1, int(1357 * scale)), 1536
+    side = max(2, int(512 * scale))
+    x = rng.standard_normal((B, L, D), dtype=np.float32)
+    shift, sc = (rng.standard_normal((B, 1, D), dtype=np.float32) for _ in range(2))
+    h = rng.standard_normal((B, L, 4 * D), dtype=np.float32)
+    qkv = rng.standard_normal((B, L, 3, 24, 64), dtype=np.float32)
+    img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
+    gw, gb = np.ones(128, np.float32), np.zeros(128, np.float32)
+    cases = [  # name, fast, args, plain twin, bytes a single pass must move (read input + write output)
+        ("layer_norm_modulate", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate, 2 * x.nbytes),
+        ("gelu_tanh", kernels.gelu_tanh, (h,), nn.gelu_tanh, 2 * h.nbytes),
+        ("rms_norm (q heads)", kernels.rms_norm, (qkv[:, :, 0], np.ones(64, np.float32), 1e-6), nn.rms_norm,
+         2 * qkv.nbytes // 3),
+        ("group_norm_silu", kernels.group_norm_silu, (img, 32, gw, gb, 1e-6), nn.group_norm_silu, 2 * img.nbytes),
+    ]
+    print(f"\nmemory bandwidth (float32 copy, read + write) {bw:.1f} GB/s; numba threads {kernels.threads()}")
+    print("| kernel | fast ms | spread | plain ms | speed-up | fraction of bandwidth |\n|---|---|---|---|---|---|")
+    for name, fast, args, twin, nbytes in cases:
+        fast(*args)  # compile / load the cache
+        t, times = best_of(lambda: fast(*args), repeat)
+        tp, _ = best_of(lambda: _plain(twin, *args), max(1, repeat // 2))
+        print(f"| {name} | {t * 1e3:.1f} | {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f} | {tp * 1e3:.1f} | "
+              f"{tp / t:.1f}× | {nbytes / t / 1e9 / bw:.0%} |", flush=True)
+
+
+def attention(scale, repeat, plain_max_tokens=1400):
+    roof = matmul_gflops()
+    rng = np.random.default_rng(0)
+    print(f"\nfloat32 matmul roofline {roof:.0f} GFLOP/s; attention budget {kernels.ATTENTION_BUDGET >> 20} MiB "
+          "of logits per block")
+    print("| image | tokens | fast s | spread | plain s | speed-up | roofline | extra MiB fast / plain logits |")
+    print("|---|---|---|---|---|---|---|---|")
+    for image in (256, 512, 1024):
+        L = max(2, int(((image // 16) ** 2 + 333) * scale))
+        q, k, v = (rng.standard_normal((2, 24, L, 64), dtype=np.float32) for _ in range(3))
+        kernels.attention(q, k, v, 0.125)
+        t, times = best_of(lambda: kernels.attention(q, k, v, 0.125), repeat)
+        flops = 4 * 2 * 24 * L * L * 64
+        block = min(L, kernels.ATTENTION_BUDGET // (4 * L))
+        if L <= plain_max_tokens:  # the plain path's (2, 24, L, L) logits are 7.5 GB at 1024×1024
+            tp, _ = best_of(lambda: _plain(nn.attention, q, k, v, 0.125), 1)
+            plain = f"{tp:.3f} | {tp / t:.1f}×"
+        else:
+            plain = "not run | –"
+        print(f"| {image} | {L} | {t:.3f} | {min(times):.3f}–{max(times):.3f} | {plain} | {flops / t / 1e9 / roof:.0%} | "
+              f"{block * L * 4 / 2**20:.1f} / {2 * 24 * L * L * 4 / 2**20:.0f} |", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=5)
+    a = ap.parse_args(argv)
+    elementwise(a.scale, a.repeat)
+    attention(a.scale, max(1, a.repeat // 2))
+    print(f"\npeak RSS {peak_rss_gb():.2f} GB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Compare two traces and name the first divergence, with its likely cause.
+
+    python -m sd3ref compare THEIRS.safetensors OURS.safetensors [--map mapping.json] [--rtol R] [--atol A] [--json]
+
+OURS is the oracle's trace (``python -m sd3ref trace``); THEIRS is the port's (or a framework's, see
+golden/trace_*.py), written under the names of docs/porting.md. Tensors are aligned by name, walked in
+OURS' execution order, and each gets max |theirs − ours| and that over max |ours|. A tensor fails when
+max abs > atol + rtol · max |ours|. Errors propagate, so only the FIRST failing tensor says where the port
+goes wrong: it is named with the most likely cause from ``CATALOGUE``, the traps that SD3 ports fall into.
+
+Layout differences are undone before comparing, from the shapes (or from ``layout`` hints in the map):
+NCHW vs NHWC, token-major (B, L, heads, hd) or merged (B, L, heads·hd) vs head-major (B, heads, L, hd)
+q/k/v, fused ``X.qkv`` (Stability's (3, heads, hd) feature order) vs ``X.q``/``X.k``/``X.v``, a fused
+adaLN output ``X.mod`` (B, n·D) vs its chunks, and (scale, shift)-ordered 2-chunk modulations.
+
+The map (JSON) renames THEIRS and gives hints:
+
+    {"rename": [["^transformer\\\\.", "mmdit."], ...],     # regex substitutions on THEIRS' names, in order
+     "layout": {"vae.*": "nchw", "mmdit.blocks.*.x.q": "token_major"},   # glob on OUR name → hint
+     "scale_shift": ["mmdit.final.mod"]}                   # fused 2-chunk mods stored (scale, shift)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+RTOL = {"float32": 1e-5, "float64": 1e-10}  # the tolerances of `verify`
+LAYOUTS = ("identity", "nchw", "token_major", "merged_heads")
+# SD3's latent normalisation constants (VAEConfig defaults; every SD3 / SD3.5 VAE uses them).
+LATENT_SHIFT, LATENT_SCALE = 0.0609, 1.5305
+
+
+# ---------------------------------------------------------------------------------------------------
+# Alignment
+
+
+def _relayout(a, shape, hint):
+    """THEIRS' array in OUR layout, or None if ``hint`` does not produce ``shape``."""
+    if hint == "identity":
+        b = a
+    elif hint == "nchw" and a.ndim == 4:
+        b = a.transpose(0, 2, 3, 1)
+    elif hint == "token_major" and a.ndim == 4:
+        b = a.transpose(0, 2, 1, 3)
+    elif hint == "merged_heads" and a.ndim == 3 and len(shape) == 4 and a.shape[-1] == shape[1] * shape[3]:
+        b = a.reshape(a.shape[0], a.shape[1], shape[1], shape[3]).transpose(0, 2, 1, 3)
+    else:
+        return None
+    return b if b.shape == tuple(shape) else None
+
+
+def align(a, shape, hint=None):
+    """(THEIRS' array in OUR layout, the layout used); with no hint the first layout whose shape fits
+    (identity first). (a, None) when nothing fits: a shape mismatch."""
+    for h in [hint] if hint else LAYOUTS:
+        b = _relayout(a, shape, h)
+        if b is not None:
+            return b, h
+    return a, None
+
+
+def _split_fused(theirs: dict, ours: dict, scale_shift: list) -> dict:
+    """THEIRS' fused ``X.qkv`` and ``X.mod`` tensors as the separate tensors OURS records."""
+    out = {}
+    for name, a in theirs.items():
+        fused = re.fullmatch(r"(.*\.)qkv(2?)", name)
+        if fused:  # parts recorded separately (e.g. q and k after a qk-norm) win over the fused projection
+            stem, suffix = fused.groups()
+            for part, chunk in zip("qkv", np.split(a, 3, axis=-1)):
+                if stem + part + suffix not in theirs:
+                    out[stem + part + suffix] = chunk
+        elif name.endswith(".mod") and not any(n.startswith(name + ".") for n in theirs):
+            chunks = [n for n in ours if n.startswith(name + ".")]  # in OUR order = Stability's order
+            parts = np.split(a, len(chunks), axis=-1) if chunks else [a]
+            if any(fnmatch.fnmatchcase(name, g) for g in scale_shift):
+                parts = parts[::-1]
+            out.update(zip(chunks, parts) if chunks else [(name, a)])
+        else:
+            out[name] = a
+    return out
+
+
+def apply_map(theirs: dict, ours: dict, mapping: dict | None) -> dict:
+    """THEIRS renamed into OUR names, fused tensors split."""
+    mapping = mapping or {}
+    renamed = {}
+    for name, a in theirs.items():
+        for pattern, repl in mapping.get("rename", []):
+            name = re.sub(pattern, repl, name)
+        renamed[name] = a
+    return _split_fused(renamed, ours, mapping.get("scale_shift", []))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The catalogue of traps
+
+
+@dataclass(frozen=True)
+class Trap:
+    id: str
+    title: str
+    explanation: str
+
+
+CATALOGUE = {t.id: t for t in [
+    Trap("missing_t5", "zero tokens for a missing T5 (154 vs 333 context tokens)",
+         "Without T5, KerasHub and Stability append 77 zero tokens to the 77 CLIP tokens (154), diffusers "
+         "appends max_sequence_length = 256 (333). The joint attention has no mask: every zero token "
+         "takes part (conditioning.MISSING_T5_TOKENS)."),
+    Trap("context_tokens", "T5 token count (77 vs 256) / context length",
+         "KerasHub and Stability run T5 on 77 tokens, diffusers on max_sequence_length = 256. T5 runs with "
+         "an all-ones mask, so even the real tokens' outputs depend on the number of pads."),
+    Trap("pooled_projection", "CLIP-L pooled vector not projected (or projected)",
+         "KerasHub and diffusers multiply CLIP-L's final-LN EOS state by text_projection; Stability's "
+         "reference feeds the unprojected EOS state (convention 'sai'). A Stability CLIP-L file has no "
+         "projection; diffusers' single-file loader substitutes the identity."),
+    Trap("timestep_rounding", "timestep rounded to an integer",
+         "The MMDiT takes t = σ·1000 as a float (e.g. 987.3811). Rounding or truncating it, as DDPM-style "
+         "code does, changes the sinusoid and the whole velocity."),
+    Trap("sinusoid_order", "timestep sinusoid as [sin, cos] instead of [cos, sin]",
+         "SD3's timestep embedding is cos first (flip_sin_to_cos=True in diffusers)."),
+    Trap("shift_scale", "(shift, scale) read as (scale, shift)",
+         "Stability's 2-chunk adaLN (final layer, pre-only last context block) is (shift, scale); diffusers' "
+         "AdaLayerNormContinuous splits the same Linear as (scale, shift) and its converter swaps the halves "
+         "of norm_out.linear and of the last block's norm1_context.linear. A converter that forgets the swap "
+         "lands here."),
+    Trap("latent_order", "latent scale / shift applied in the wrong order",
+         "to_latent(z) = (z − 0.0609)·1.5305 after the VAE encoder, from_latent(z) = z/1.5305 + 0.0609 before "
+         "the decoder; (z + shift)/scale or z·scale − shift is the classic slip."),
+    Trap("gelu", "GELU variant (exact erf vs tanh approximation)",
+         "The first tensor off is an MLP output while the attention before it agrees: the activation. T5 "
+         "v1.1 uses tanh GELU in transformers (gelu_new) and Stability's code, exact erf GELU in KerasHub; "
+         "the MMDiT uses tanh GELU; CLIP-L quick_gelu, CLIP-G exact GELU."),
+    Trap("eps", "LayerNorm / RMSNorm epsilon",
+         "A normalisation output is off by a small relative amount while its input agrees: the epsilon. "
+         "KerasHub's CLIP final LayerNorm uses 1e-6, HF / Stability 1e-5; the MMDiT's LayerNorms and q/k "
+         "RMSNorms use 1e-6, T5's RMSNorm 1e-6, the VAE's GroupNorm 1e-6."),
+    Trap("layout", "shape mismatch",
+         "The tensors have different shapes and no layout hint aligns them: a token count, a batch order "
+         "or a layout the map does not describe (add a 'layout' hint or a 'rename')."),
+    Trap("unknown", "no known trap matches",
+         "Look at the operations between the last tensor that agrees and this one."),
+]}
+
+# Tensors whose float32 error is set by another tensor's magnitude: the sinusoid's argument t·f reaches
+# t ≈ 1000 rad, so its absolute float32 error is ~ulp(1000) ≈ 6e-5 whatever the values. Their tolerance
+# is relative to max |that tensor| instead of their own maximum.
+SCALE_FROM = {"mmdit.t_freq": "mmdit.timestep"}
+
+# Above this relative error a small-change trap (eps, GELU) is not a plausible cause.
+SMALL = 1e-2
+
+
+def _close(a, b, tol):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return False
+    return float(np.abs(a - b).max(initial=0.0)) <= tol * max(float(np.abs(b).max(initial=0.0)), 1e-30)
+
+
+def diagnose(name: str, theirs: dict, ours: dict, row: dict, rtol: float) -> str:
+    """The id of the likely trap behind the first divergent tensor ``name``.
+    ``theirs`` is THEIRS renamed and aligned (as far as it goes), ``ours`` OURS."""
+    a, b = theirs[name], ours[name]
+    # A trap's prediction need only match to the precision of the run (a float32 port accumulates ~1e-6);
+    # the alternatives are off by O(1).
+    tol = max(10 * rtol, 1e-4)
+    leaf = name.rsplit(".", 1)[-1]
+    if a.shape != b.shape:
+        token_axis_only = a.ndim == b.ndim == 3 and a.shape[::2] == b.shape[::2]
+        if token_axis_only and name == "cond.context" and not np.any(a[:, 77:]) and not np.any(b[:, 77:]):
+            return "missing_t5"  # beyond the 77 CLIP tokens, both are all zeros: the stand-in for T5
+        if token_axis_only and name.startswith(("t5.", "cond.context", "mmdit.context_embed")):
+            return "context_tokens"
+        return "layout"
+    if ".mod." in name and ("shift" in leaf or "scale" in leaf):
+        partner = name[:-len(leaf)] + leaf.replace("shift", "@").replace("scale", "shift").replace("@", "scale")
+        if partner in ours and _close(a, ours[partner], tol):
+            return "shift_scale"
+    if name == "mmdit.timestep":
+        if any(_close(a, f(b), tol) for f in (np.round, np.floor, np.trunc)):
+            return "timestep_rounding"
+    if name == "mmdit.t_freq" and "mmdit.timestep" in ours:
+        from .mmdit import timestep_embedding
+
+        t = np.asarray(ours["mmdit.timestep"], np.float64)
+        if any(_close(a, timestep_embedding(f(t), b.shape[-1]), tol) for f in (np.round, np.floor)):
+            return "timestep_rounding"
+        if _close(a, np.concatenate(np.split(b, 2, axis=-1)[::-1], axis=-1), tol):
+            return "sinusoid_order"
+    if name in ("cond.pooled", "clip_l.pooled"):
+        for x, y in ((theirs, ours), (ours, theirs)):  # either side may be the unprojected one
+            eos = y.get("clip_l.eos")
+            if eos is not None and _close(x[name][..., :eos.shape[-1]], eos, tol):
+                return "pooled_projection"
+    if name == "vae.from_latent":
+        z = (np.asarray(b, np.float64) - LATENT_SHIFT) * LATENT_SCALE
+        if any(_close(a, f(z), tol) for f in (lambda z: (z + LATENT_SHIFT) / LATENT_SCALE,
+                                               lambda z: (z - LATENT_SHIFT) / LATENT_SCALE,
+                                               lambda z: z * LATENT_SCALE + LATENT_SHIFT)):
+            return "latent_order"
+    if name == "vae.to_latent":
+        z = np.asarray(b, np.float64) / LATENT_SCALE + LATENT_SHIFT
+        if any(_close(a, f(z), tol) for f in (lambda z: z * LATENT_SCALE - LATENT_SHIFT,
+                                               lambda z: (z + LATENT_SHIFT) * LATENT_SCALE,
+                                               lambda z: z / LATENT_SCALE - LATENT_SHIFT)):
+            return "latent_order"
+    small = row["max_rel"] < SMALL
+    if leaf == "mlp" and small:
+        return "gelu"
+    if small and ("norm" in leaf or leaf in ("q", "k", "q2", "k2")):
+        return "eps"
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparison
+
+
+def compare(theirs: dict, ours: dict, mapping: dict | None = None, rtol=None, atol=0.0) -> dict:
+    """Rows in OURS' execution order and the verdict. ``rtol`` defaults to 1e-10 when both traces are
+    float64, else 1e-5 (float32 against anything)."""
+    theirs = apply_map(theirs, ours, mapping)
+    if rtol is None:
+        dtypes = {np.asarray(a).dtype for a in list(theirs.values()) + list(ours.values())
+                  if np.issubdtype(np.asarray(a).dtype, np.floating)}
+        rtol = RTOL["float64"] if dtypes <= {np.dtype(np.float64)} else RTOL["float32"]
+    layouts = (mapping or {}).get("layout", {})
+    aligned, rows, first = {}, [], None
+    for name, b in ours.items():
+        row = {"name": name, "shape": list(np.shape(b))}
+        if name not in theirs:
+            rows.append({**row, "status": "missing"})
+            continue
+        hint = next((h for g, h in layouts.items() if fnmatch.fnmatchcase(name, g)), None)
+        a, layout = align(np.asarray(theirs[name]), np.shape(b), hint)
+        aligned[name] = a
+        row["layout"] = layout
+        if layout is None:
+            row.update(their_shape=list(a.shape), max_abs=float("inf"), max_rel=float("inf"), status="FAIL")
+        else:
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            max_abs = float(np.abs(a64 - b64).max(initial=0.0))
+            scale = float(np.abs(b64).max(initial=0.0))
+            by = next((name[:-len(k)] + v for k, v in SCALE_FROM.items() if name.endswith(k)), None)
+            tol_scale = max(scale, float(np.abs(np.asarray(ours[by], np.float64)).max())) if by in ours else scale
+            ok = bool(np.isfinite(a64).all()) and max_abs <= atol + rtol * tol_scale
+            row.update(max_abs=max_abs, max_rel=max_abs / scale if scale > 0 else max_abs,
+                       tolerance=atol + rtol * tol_scale, status="ok" if ok else "FAIL")
+        rows.append(row)
+        if row["status"] == "FAIL" and first is None:
+            first = row
+    verdict = None
+    if first is not None:
+        trap = CATALOGUE[diagnose(first["name"], {**theirs, **aligned}, ours, first, rtol)]
+        verdict = {"first_divergent": first["name"], "max_rel": first["max_rel"], "cause": trap.id,
+                   "title": trap.title, "explanation": trap.explanation}
+    return {"rtol": rtol, "atol": atol, "rows": rows, "verdict": verdict,
+            "compared": sum(r["status"] != "missing" for r in rows),
+            "unmatched": [n for n in theirs if n not in ours]}
+
+
+def format_report(result: dict) -> str:
+    head = f"{'tensor':<44} {'shape':<20} {'max abs':>9} {'max rel':>9}  status"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        if r["status"] == "missing":
+            continue
+        shape = "x".join(map(str, r["shape"]))
+        if "their_shape" in r:
+            shape += " vs " + "x".join(map(str, r["their_shape"]))
+        layout = f" ({r['layout']})" if r.get("layout") not in (None, "identity") else ""
+        lines.append(f"{r['name']:<44} {shape:<20} {r['max_abs']:9.2e} {r['max_rel']:9.2e}  {r['status']}{layout}")
+    missing = [r["name"] for r in result["rows"] if r["status"] == "missing"]
+    lines.append(f"{result['compared']} tensors compared (rtol {result['rtol']:g}, atol {result['atol']:g}); "
+                 f"{len(missing)} of ours not in theirs; {len(result['unmatched'])} of theirs unmatched"
+                 + (f": {', '.join(result['unmatched'][:8])}" + (" ..." if len(result["unmatched"]) > 8 else "")
+                    if result["unmatched"] else ""))
+    v = result["verdict"]
+    if v is None:
+        lines.append("no divergence" if result["compared"] else "nothing compared: check the names (--map)")
+    else:
+        lines += [f"FIRST DIVERGENCE: {v['first_divergent']} (max rel {v['max_rel']:.2e})",
+                  f"likely cause [{v['cause']}]: {v['title']}", f"  {v['explanation']}"]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """``python -m sd3ref compare``."""
+    from .trace import load
+
+    theirs, _ = load(args.theirs)
+    ours, _ = load(args.ours)
+    mapping = None
+    if args.map:
+        with open(args.map) as f:
+            mapping = json.load(f)
+    result = compare(theirs, ours, mapping, args.rtol, args.atol)
+    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    return 0 if result["compared"] and result["verdict"] is None else 1

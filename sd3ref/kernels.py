@@ -1,0 +1,284 @@
+"""numba / blocked-BLAS fast paths for the primitives that dominate CPU time. Each function here has a
+plain-NumPy twin of the same name in ``nn`` (the oracle); ``nn.use_kernels`` is the one switch that routes
+``nn`` calls here, and tests/test_kernels.py checks twin against twin in float32 and float64.
+
+Why they are faster: a NumPy expression such as LayerNorm + modulate makes ~8 passes over a (B, L, D)
+array, each allocating a temporary; the numba kernels make one or two, in parallel over rows. Attention
+never materialises more than ``ATTENTION_BUDGET`` bytes of logits: queries are processed in blocks, each
+block's full row of keys at once (so no online softmax is needed), with both products in BLAS.
+
+numba has no vector math library here (no SVML), so a scalar ``math.exp`` / ``math.tanh`` in a loop is
+several times slower than NumPy's SIMD ufuncs: kernels leave transcendental functions to NumPy and fuse
+everything around them.
+
+Threads: numba's prange uses ``NUMBA_NUM_THREADS`` (default: all cores), OpenBLAS uses
+``OPENBLAS_NUM_THREADS`` (default: all cores). They never run at the same time (no kernel calls BLAS), so
+the defaults do not oversubscribe; to share a machine, set both variables to the same smaller count.
+numba's threading layer is "workqueue" unless ``NUMBA_THREADING_LAYER`` says otherwise: the OpenMP layer's
+spinning workers fight OpenBLAS's for the cores, measured 7-12 ms per kernel launch instead of 0.4 ms on
+2 cores (bench/elementwise.py). workqueue does not allow kernels to be launched from two Python threads
+at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+# Reassociation lets LLVM vectorise the reductions; contraction allows FMA. No nnan/ninf: masks use -inf.
+_JIT = dict(cache=True, parallel=True, fastmath={"reassoc", "contract"}, nogil=True)
+
+ATTENTION_BUDGET = 8 << 20  # bytes of logits per block: small enough to stay in L2/L3 between passes
+
+
+@njit(**_JIT)
+def _norm_rows(x, mul, add, out, eps, centre, per):
+    """out[r] = (x[r] - mean)·rsqrt(var + eps)·mul[g] + add[g], g = r // per; RMS (mean = 0) unless ``centre``.
+    Statistics in float64; the centred second pass keeps float64 inputs exact to rounding."""
+    n, d = x.shape
+    for r in prange(n):
+        g = r // per
+        mu = 0.0
+        if centre:
+            s = 0.0
+            for j in range(d):
+                s += x[r, j]
+            mu = s / d
+        v = 0.0
+        for j in range(d):
+            c = x[r, j] - mu
+            v += c * c
+        inv = 1.0 / math.sqrt(v / d + eps)
+        for j in range(d):
+            out[r, j] = (x[r, j] - mu) * inv * mul[g, j] + add[g, j]
+
+
+def _rows(x):
+    """x as contiguous (rows, last axis) — a view unless x is strided."""
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+def _vec(a, like, n, fill):
+    """A (groups, D) parameter table in ``like``'s dtype (``fill`` where the layer has no such parameter)."""
+    if a is None:
+        return np.full((1, n), fill, like.dtype)
+    return np.ascontiguousarray(np.asarray(a, like.dtype).reshape(-1, n))
+
+
+def _norm(x, mul, add, eps, centre):
+    xr = _rows(x)
+    out = np.empty_like(xr)
+    mul, add = _vec(mul, x, xr.shape[1], 1.0), _vec(add, x, xr.shape[1], 0.0)
+    _norm_rows(xr, mul, add, out, eps, centre, max(1, xr.shape[0] // mul.shape[0]))
+    return out.reshape(x.shape)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    return _norm(x, weight, bias, eps, True)
+
+
+def layer_norm_modulate(x, shift, scale, eps):
+    """x (B, L, D), shift and scale (B, 1, D)."""
+    return _norm(x, 1.0 + np.asarray(scale, x.dtype), shift, eps, True)
+
+
+def rms_norm(x, weight=None, eps=1e-6):
+    return _norm(x, weight, None, eps, False)
+
+
+_CHUNKS = 64  # row chunks per image for the GroupNorm statistics: parallel work with contiguous rows
+
+
+@njit(**_JIT)
+def _channel_sums(x, centre, out):
+    """out[b, k, c] = Σ (x[b, p, c] - centre[b, c]) over the k-th chunk of positions p (ᵖ power 1 or 2)."""
+    b_, p_, c_ = x.shape
+    k_ = out.shape[1] // 2
+    for t in prange(b_ * k_):
+        b, k = t // k_, t % k_
+        for p in range(k * p_ // k_, (k + 1) * p_ // k_):
+            for c in range(c_):
+                d = x[b, p, c] - centre[b, c]
+                out[b, k, c] += d
+                out[b, k_ + k, c] += d * d
+
+
+def _group_stats(x3, groups, eps):
+    """Per (batch, group) mean and 1/std over (positions, channels of the group), in float64: a first
+    pass gives the mean, a second the centred sum of squares (exact to rounding, as the plain form)."""
+    B, P, C = x3.shape
+    sums = np.zeros((B, 2 * _CHUNKS, C))
+    _channel_sums(x3, np.zeros((B, C), x3.dtype), sums)
+    n = P * (C // groups)
+    mean = sums[:, :_CHUNKS].sum(1).reshape(B, groups, -1).sum(-1) / n  # (B, groups)
+    sums[:] = 0.0
+    _channel_sums(x3, np.repeat(mean, C // groups, axis=1).astype(x3.dtype), sums)
+    # Σ(x - m̃)² - (Σ(x - m̃))²/n corrects for m̃, the mean rounded to x's dtype.
+    d = sums[:, :_CHUNKS].sum(1).reshape(B, groups, -1).sum(-1)
+    var = (sums[:, _CHUNKS:].sum(1).reshape(B, groups, -1).sum(-1) - d * d / n) / n
+    return mean, 1.0 / np.sqrt(var + eps)
+
+
+@njit(**_JIT)
+def _channel_affine(x, m, a, d, out):
+    """out[b, p, c] = (x[b, p, c] - m[b, c])·a[b, c] + d[c]: GroupNorm with its tables expanded per channel."""
+    b_, p_, c_ = x.shape
+    for t in prange(b_ * p_):
+        b, p = t // p_, t % p_
+        for c in range(c_):
+            out[b, p, c] = (x[b, p, c] - m[b, c]) * a[b, c] + d[c]
+
+
+@njit(**_JIT)
+def _silu_inplace(y, e):
+    """y ← y / (1 + e), where e = exp(-y) was computed by NumPy's SIMD exp."""
+    for i in prange(y.size):
+        y.flat[i] = y.flat[i] / (1.0 + e.flat[i])
+
+
+def _group_norm(x, groups, weight, bias, eps):
+    B, H, W, C = x.shape
+    x3 = np.ascontiguousarray(x).reshape(B, H * W, C)
+    mean, inv = _group_stats(x3, groups, eps)
+    cg = C // groups
+    a = np.repeat(inv, cg, axis=1) * np.asarray(weight, np.float64)  # (B, C): 1/std·weight, in float64
+    out = np.empty_like(x3)
+    _channel_affine(x3, np.repeat(mean, cg, axis=1).astype(x.dtype), a.astype(x.dtype),
+                    np.asarray(bias, x.dtype), out)
+    return out.reshape(x.shape)
+
+
+def group_norm(x, groups, weight, bias, eps=1e-6):
+    return _group_norm(x, groups, weight, bias, eps)
+
+
+def group_norm_silu(x, groups, weight, bias, eps=1e-6):
+    y = _group_norm(x, groups, weight, bias, eps)
+    e = np.negative(y)
+    np.exp(e, out=e)
+    _silu_inplace(y.reshape(-1), e.reshape(-1))
+    return y
+
+
+@njit(**_JIT)
+def _gelu_inner(x, u):
+    c = math.sqrt(2.0 / math.pi)
+    for i in prange(x.size):
+        v = x.flat[i]
+        u.flat[i] = c * (v + 0.044715 * v * v * v)
+
+
+@njit(**_JIT)
+def _gelu_outer(x, t):
+    for i in prange(x.size):
+        t.flat[i] = 0.5 * x.flat[i] * (1.0 + t.flat[i])
+
+
+def gelu_tanh(x):
+    """Three passes (polynomial, NumPy's SIMD tanh, product) instead of the plain form's eight."""
+    x = np.ascontiguousarray(x)
+    t = np.empty_like(x)
+    _gelu_inner(x.reshape(-1), t.reshape(-1))
+    np.tanh(t, out=t)
+    _gelu_outer(x.reshape(-1), t.reshape(-1))
+    return t
+
+
+@njit(**_JIT)
+def _shift_rows(s, scale):
+    """s ← s·scale - rowmax(s·scale): the stable softmax argument."""
+    n, m = s.shape
+    for r in prange(n):
+        mx = -np.inf
+        for j in range(m):
+            s[r, j] *= scale
+            mx = max(mx, s[r, j])
+        for j in range(m):
+            s[r, j] -= mx
+
+
+@njit(**_JIT)
+def _normalise_rows(s):
+    n, m = s.shape
+    for r in prange(n):
+        t = 0.0
+        for j in range(m):
+            t += s[r, j]
+        for j in range(m):
+            s[r, j] /= t
+
+
+def softmax_rows(s, scale=1.0):
+    """In-place softmax(s·scale) over the last axis of a contiguous 2-D array."""
+    _shift_rows(s, scale)
+    np.exp(s, out=s)
+    _normalise_rows(s)
+    return s
+
+
+def attention(q, k, v, scale, mask=None, budget=None):
+    """Scaled dot-product attention on (B, heads, L, hd) in query blocks of at most ``budget`` bytes of
+    logits (default ``ATTENTION_BUDGET``): extra memory O(block × Lk), never the full Lq × Lk."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * H, a.shape[2], a.shape[3]) for a in (q, k, v))
+    out = np.empty((B * H, Lq, v.shape[-1]), q.dtype)
+    block = max(1, min(Lq, (budget or ATTENTION_BUDGET) // (Lk * q.dtype.itemsize)))
+    s = np.empty((block, Lk), q.dtype)
+    m4 = None if mask is None else np.broadcast_to(np.asarray(mask, q.dtype), (B, H, Lq, Lk))
+    for bh in range(B * H):
+        kt = k3[bh].T
+        for i in range(0, Lq, block):
+            j = min(i + block, Lq)
+            sb = s[:j - i]
+            np.matmul(q3[bh, i:j], kt, out=sb)
+            if m4 is None:
+                softmax_rows(sb, scale)
+            else:  # the plain order: logits·scale + mask, then softmax
+                sb *= scale
+                sb += m4[bh // H, bh % H, i:j]
+                softmax_rows(sb)
+            np.matmul(sb, v3[bh], out=out[bh, i:j])
+    return out.reshape(B, H, Lq, v.shape[-1])
+
+
+def threads() -> int:
+    """numba's thread count (``NUMBA_NUM_THREADS``)."""
+    return numba.get_num_threads()
+
+
+CONV_BUDGET = 16 << 20  # bytes of im2col patches per block of output rows
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, budget=None):
+    """im2col in blocks of output rows, one BLAS product per block with K = kh·kw·I (the plain form's
+    per-tap products have K = I and run as stacks of small matrices)."""
+    w = np.asarray(w, x.dtype)
+    O, I, kh, kw = w.shape
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    B, H, W, _ = x.shape
+    Ho, Wo = (H - kh) // stride + 1, (W - kw) // stride + 1
+    wm = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * I)  # patch features ordered (i, j, channel)
+    y = np.empty((B, Ho, Wo, O), x.dtype)
+    rows = max(1, min(Ho, (budget or CONV_BUDGET) // (Wo * kh * kw * I * x.dtype.itemsize)))
+    cols = np.empty((rows, Wo, kh, kw, I), x.dtype)
+    for n in range(B):
+        for r in range(0, Ho, rows):
+            m = min(rows, Ho - r)
+            for i in range(kh):
+                for j in range(kw):
+                    top = r * stride + i
+                    cols[:m, :, i, j] = x[n, top:top + stride * (m - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]
+            np.matmul(cols[:m].reshape(m * Wo, -1), wm.T, out=y[n, r:r + m].reshape(m * Wo, O))
+    if b is not None:
+        y += np.asarray(b, x.dtype)
+    return y

@@ -1,0 +1,23 @@
+"""Every benchmark at a tiny size, so they never rot (the real runs are not part of CI; see docs/performance.md)."""
+
+from bench import kernels, memory, mmdit, vae
+
+
+def test_kernels_bench(capsys):
+    kernels.main(["--scale", "0.02", "--repeat", "1"])
+    assert "group_norm_silu" in capsys.readouterr().out
+
+
+def test_mmdit_bench(capsys):
+    mmdit.main(["--size", "32", "--repeat", "1", "--layers", "1"])
+    assert "| 32 | numba |" in capsys.readouterr().out
+
+
+def test_vae_bench(capsys):
+    vae.main(["--latent", "4", "--filters", "32", "--repeat", "1"])
+    assert "| numba |" in capsys.readouterr().out
+
+
+def test_memory_bench(tmp_path, capsys):
+    memory.main(["--size", "32", "--layers", "1", "--file", str(tmp_path / "mmdit.safetensors")])
+    assert '"finite": true' in capsys.readouterr().out

@@ -1,0 +1,127 @@
+"""The numba / blocked fast paths (sd3ref.kernels) against their plain-NumPy twins (sd3ref.nn), on random
+inputs of awkward sizes, float32 and float64."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sd3ref import kernels, nn, verify
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 2e-5, np.float64: 1e-12}  # relative to the largest output magnitude
+dims = st.integers(1, 37)
+seeds = st.integers(0, 2**32 - 1)
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def plain():
+    """Run the body with the plain NumPy functions, whatever the default is."""
+    saved = nn._kernels
+    nn.use_kernels(False)
+    yield
+    nn._kernels = saved
+
+
+def close(fast, ref, dtype):
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == dtype
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=TOL[dtype] * scale, equal_nan=True)
+
+
+def rand(rng, shape, dtype, spread=3.0):
+    return (rng.standard_normal(shape) * spread + rng.standard_normal()).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 3), l=dims, d=dims, affine=st.booleans(), seed=seeds)
+def test_layer_norm(dtype, b, l, d, affine, seed):
+    rng = np.random.default_rng(seed)
+    x, w, bias = rand(rng, (b, l, d), dtype), rand(rng, d, np.float16), rand(rng, d, dtype)
+    args = (w, bias) if affine else (None, None)
+    close(kernels.layer_norm(x, *args, 1e-5), nn.layer_norm(x, *args, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 3), l=dims, d=dims, seed=seeds)
+def test_layer_norm_modulate(dtype, b, l, d, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, (b, l, d), dtype)
+    mod = rand(rng, (b, 1, 2 * d), dtype, 1.0)
+    shift, scale = np.split(mod, 2, axis=-1)  # strided views, as mmdit passes them
+    close(kernels.layer_norm_modulate(x, shift, scale, 1e-6), nn.layer_norm_modulate(x, shift, scale, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 3), l=dims, h=st.integers(1, 4), d=dims, seed=seeds)
+def test_rms_norm_on_strided_heads(dtype, b, l, h, d, seed):
+    rng = np.random.default_rng(seed)
+    qkv = rand(rng, (b, l, 3, h, d), dtype)
+    w = rand(rng, d, dtype)
+    close(kernels.rms_norm(qkv[:, :, 1], w, 1e-6), nn.rms_norm(qkv[:, :, 1], w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 2), h=dims, w=dims, groups=st.integers(1, 4), cg=st.integers(1, 5), seed=seeds)
+def test_group_norm_and_silu(dtype, b, h, w, groups, cg, seed):
+    rng = np.random.default_rng(seed)
+    c = groups * cg
+    x, gw, gb = rand(rng, (b, h, w, c), dtype), rand(rng, c, dtype), rand(rng, c, dtype)
+    close(kernels.group_norm(x, groups, gw, gb, 1e-6), nn.group_norm(x, groups, gw, gb, 1e-6), dtype)
+    close(kernels.group_norm_silu(x, groups, gw, gb, 1e-6), nn.group_norm_silu(x, groups, gw, gb, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), seed=seeds)
+def test_gelu_tanh(dtype, shape, seed):
+    x = rand(np.random.default_rng(seed), shape, dtype, 4.0)
+    close(kernels.gelu_tanh(x), nn.gelu_tanh(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 3), lq=dims, lk=dims, hd=st.integers(1, 9),
+       mask=st.sampled_from([None, "bias", "causal"]), budget=st.sampled_from([1, 200, None]), seed=seeds)
+def test_attention(dtype, b, h, lq, lk, hd, mask, budget, seed):
+    # budget=1 forces one query per block; 200 bytes a few; None the default (one block here).
+    rng = np.random.default_rng(seed)
+    q, k, v = (rand(rng, (b, h, n, hd), dtype) for n in (lq, lk, lk))
+    m = {None: None, "bias": rand(rng, (1, h, lq, lk), dtype),
+         "causal": np.triu(np.full((lq, lk), -np.inf, dtype), 1)}[mask]
+    close(kernels.attention(q, k, v, 0.3, m, budget), nn.attention(q, k, v, 0.3, m), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 11), w=st.integers(1, 11), i=st.integers(1, 5), o=st.integers(1, 5),
+       k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.sampled_from([0, 1, ((0, 1), (0, 1))]),
+       budget=st.sampled_from([1, None]), seed=seeds)
+def test_conv2d(dtype, b, h, w, i, o, k, stride, pad, budget, seed):
+    rng = np.random.default_rng(seed)
+    x, wt, bias = rand(rng, (b, h + k, w + k, i), dtype), rand(rng, (o, i, k, k), np.float16), rand(rng, o, dtype)
+    close(kernels.conv2d(x, wt, bias, stride, pad, budget), nn.conv2d(x, wt, bias, stride, pad), dtype)
+
+
+def test_switch_routes_nn_to_kernels():
+    saved = nn._kernels
+    try:
+        nn.use_kernels(True)
+        assert nn._kernels is kernels
+        nn.use_kernels(False)
+        assert nn._kernels is None
+    finally:
+        nn._kernels = saved
+
+
+@pytest.mark.parametrize("set_name", verify.golden_sets())
+def test_golden_parity_on_the_plain_path(set_name):
+    # tests/test_parity.py and `verify` run with the kernels on (the default); this runs the plain twins.
+    rows = verify.set_rows(verify.GOLDEN / set_name)
+    failed = [r for r in rows if r["status"] != "PASS"]
+    assert rows and not failed, "\n" + verify.format_table(failed)
