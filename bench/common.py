@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 
-from converters import canonical
 from sd3ref.config import SD3Config
 
 
@@ -18,7 +17,7 @@ def sd3_medium(layers=24, hidden=1536, heads=24, position=192, context_dim=4096)
                      mmdit_position_size=position, mmdit_context_dim=context_dim)
 
 
-def tensor_init(name, shape, dtype, rng):
+def tensor_init(shape, dtype, rng):
     """A random tensor scaled so activations stay finite through 24 blocks (NaN/inf would change timings)."""
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     a = rng.standard_normal(shape, dtype=np.float32)
@@ -28,7 +27,7 @@ def tensor_init(name, shape, dtype, rng):
 
 def random_weights(shapes: dict, dtype="float32", seed=0) -> dict:
     rng = np.random.default_rng(seed)
-    return {n: tensor_init(n, s, dtype, rng) for n, s in shapes.items()}
+    return {n: tensor_init(s, dtype, rng) for n, s in shapes.items()}
 
 
 def best_of(fn, repeat=3):

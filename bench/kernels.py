@@ -8,7 +8,6 @@ the matmul roofline, all measured in the same run. Sizes are those of the SD3-me
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import numpy as np
@@ -37,7 +36,8 @@ def elementwise(scale, repeat):
     img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
     gw, gb = np.ones(128, np.float32), np.zeros(128, np.float32)
     cases = [  # name, fast, args, plain twin, bytes a single pass must move (read input + write output)
-        ("layer_norm_modulate", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate, 2 * x.nbytes),
+        ("layer_norm_modulate", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate,
+         2 * x.nbytes),
         ("gelu_tanh", kernels.gelu_tanh, (h,), nn.gelu_tanh, 2 * h.nbytes),
         ("rms_norm (q heads)", kernels.rms_norm, (qkv[:, :, 0], np.ones(64, np.float32), 1e-6), nn.rms_norm,
          2 * qkv.nbytes // 3),
@@ -72,8 +72,9 @@ def attention(scale, repeat, plain_max_tokens=1400):
             plain = f"{tp:.3f} | {tp / t:.1f}×"
         else:
             plain = "not run | –"
-        print(f"| {image} | {L} | {t:.3f} | {min(times):.3f}–{max(times):.3f} | {plain} | {flops / t / 1e9 / roof:.0%} | "
-              f"{block * L * 4 / 2**20:.1f} / {2 * 24 * L * L * 4 / 2**20:.0f} |", flush=True)
+        print(f"| {image} | {L} | {t:.3f} | {min(times):.3f}–{max(times):.3f} | {plain} | "
+              f"{flops / t / 1e9 / roof:.0%} | {block * L * 4 / 2**20:.1f} / {2 * 24 * L * L * 4 / 2**20:.0f} |",
+              flush=True)
 
 
 def main(argv=None):

@@ -20,8 +20,7 @@ from bench.common import peak_rss_gb, sd3_medium, tensor_init
 from bench.mmdit import inputs
 from converters import canonical
 from converters.tensors import write_safetensors
-from sd3ref import mmdit
-from sd3ref.model import _scope
+from sd3ref import mmdit, nn
 from sd3ref.weights import load_weights
 
 
@@ -29,7 +28,7 @@ def fp16_file(config, path):
     """Write the random float16 MMDiT once (one tensor in memory at a time) and reuse it afterwards."""
     if not os.path.exists(path):
         rng = np.random.default_rng(0)
-        entries = [(n, s, np.dtype(np.float16), lambda n=n, s=s: tensor_init(n, s, np.float16, rng))
+        entries = [(n, s, np.dtype(np.float16), lambda s=s: tensor_init(s, np.float16, rng))
                    for n, s in canonical.mmdit_shapes(config).items()]
         with open(path + ".part", "wb") as f:
             write_safetensors(f, entries, {"format": canonical.FORMAT, "sd3ref.config": config.to_json()})
@@ -48,7 +47,7 @@ def main(argv=None):
     weights, _ = load_weights(path, config=config)
     before = peak_rss_gb()
     t0 = time.perf_counter()
-    out = mmdit.forward(_scope(weights, "mmdit"), config, *inputs(config, a.size))
+    out = mmdit.forward(nn.Scope(weights, canonical.PREFIX["mmdit"]), config, *inputs(config, a.size))
     print(json.dumps({"size": a.size, "seconds": time.perf_counter() - t0, "finite": bool(np.isfinite(out).all()),
                       "file_gb": os.path.getsize(path) / 2**30, "peak_rss_gb_before": before,
                       "peak_rss_gb": peak_rss_gb()}))

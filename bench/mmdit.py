@@ -18,7 +18,6 @@ import numpy as np
 from bench.common import best_of, matmul_gflops, peak_rss_gb, random_weights, sd3_medium, spread
 from converters import canonical
 from sd3ref import mmdit, nn
-from sd3ref.model import _scope
 
 CONTEXT_TOKENS = 333  # 77 CLIP + 256 T5
 
@@ -50,7 +49,7 @@ def run(sizes, repeat, config, torch_python=None, plain=True):
     roof = matmul_gflops()
     print(f"float32 matmul roofline {roof:.0f} GFLOP/s")
     weights = random_weights(canonical.mmdit_shapes(config))
-    w = _scope(weights, "mmdit")
+    w = nn.Scope(weights, canonical.PREFIX["mmdit"])
     rows = []
     for size in sizes:
         args = inputs(config, size)

@@ -61,7 +61,8 @@ def main(argv=None):
         print(f"| {'numba' if fast else 'numpy'} | {best:.2f} | {spread(times)} | {flops / best / 1e9 / roof:.0%} | "
               f"{first:.1f} |", flush=True)
     nn.use_kernels(True)
-    print(f"peak RSS {peak_rss_gb():.2f} GB (both paths; weights {sum(np.prod(s) for s in shapes.values()) * 4 / 2**30:.2f} GB)")
+    weights_gb = sum(np.prod(s) for s in shapes.values()) * 4 / 2**30
+    print(f"peak RSS {peak_rss_gb():.2f} GB (weights {weights_gb:.2f} GB)")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,16 @@ never materialises more than ``ATTENTION_BUDGET`` bytes of logits: queries are p
 block's full row of keys at once (so no online softmax is needed), with both products in BLAS.
 
 numba has no vector math library here (no SVML), so a scalar ``math.exp`` / ``math.tanh`` in a loop is
-several times slower than NumPy's SIMD ufuncs: kernels leave transcendental functions to NumPy and fuse
-everything around them.
+several times slower than NumPy's SIMD ufuncs: GELU and SiLU leave tanh / exp to NumPy and fuse the
+rest; the softmax inlines its own exp (``_exp_nonpositive``) to stay one launch with rows in cache.
 
 Threads: numba's prange uses ``NUMBA_NUM_THREADS`` (default: all cores), OpenBLAS uses
 ``OPENBLAS_NUM_THREADS`` (default: all cores). They never run at the same time (no kernel calls BLAS), so
 the defaults do not oversubscribe; to share a machine, set both variables to the same smaller count.
 numba's threading layer is "workqueue" unless ``NUMBA_THREADING_LAYER`` says otherwise: the OpenMP layer's
-spinning workers fight OpenBLAS's for the cores, measured 7-12 ms per kernel launch instead of 0.4 ms on
-2 cores (bench/elementwise.py). workqueue does not allow kernels to be launched from two Python threads
-at once.
+spinning workers fight OpenBLAS's for the cores: a LayerNorm of a 666×1536 array took 7-12 ms instead of
+0.4 ms on 2 cores (measured once by hand, docs/performance.md). workqueue does not allow kernels to be
+launched from two Python threads at once.
 """
 
 from __future__ import annotations
@@ -36,6 +36,24 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _JIT = dict(cache=True, parallel=True, fastmath={"reassoc", "contract"}, nogil=True)
 
 ATTENTION_BUDGET = 8 << 20  # bytes of logits per block: small enough to stay in L2/L3 between passes
+
+
+_POW2 = np.ldexp(1.0, np.arange(-1100, 1))  # 2**n for the exponent of every float64 exp(y ≤ 0) that is not 0
+
+
+@njit(inline="always", fastmath={"contract"})
+def _exp_nonpositive(y):
+    """exp(y) for y ≤ 0 in float64 arithmetic, made of operations LLVM can inline into the calling
+    loop (numba's math.exp is an opaque libm call): y = n·ln2 + r, |r| ≤ ln2/2, a degree-11 Taylor
+    polynomial (truncation < 2e-16) times 2**n from a table."""
+    y = max(y, -745.5)  # below, exp underflows to 0 (the table's 2**-1075 is 0)
+    n = math.floor(y * 1.4426950408889634 + 0.5)
+    r = (y - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10  # ln2 split hi + lo
+    p = 1.0 / 39916800.0
+    for c in (1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+              1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p = p * r + c
+    return p * _POW2[int(n) + 1100]
 
 
 @njit(**_JIT)
@@ -138,7 +156,7 @@ def _channel_affine(x, m, a, d, out):
 
 @njit(**_JIT)
 def _silu_inplace(y, e):
-    """y ← y / (1 + e), where e = exp(-y) was computed by NumPy's SIMD exp."""
+    """y ← y / (1 + e), where e = exp(-y) came from NumPy's SIMD exp."""
     for i in prange(y.size):
         y.flat[i] = y.flat[i] / (1.0 + e.flat[i])
 
@@ -160,6 +178,7 @@ def group_norm(x, groups, weight, bias, eps=1e-6):
 
 
 def group_norm_silu(x, groups, weight, bias, eps=1e-6):
+    """GroupNorm pass, NumPy's SIMD exp(-y), one fused division (an inlined exp measured slower here)."""
     y = _group_norm(x, groups, weight, bias, eps)
     e = np.negative(y)
     np.exp(e, out=e)
@@ -182,7 +201,8 @@ def _gelu_outer(x, t):
 
 
 def gelu_tanh(x):
-    """Three passes (polynomial, NumPy's SIMD tanh, product) instead of the plain form's eight."""
+    """Three passes (polynomial, NumPy's SIMD tanh, product) instead of the plain form's eight. One pass
+    with tanh from ``_exp_nonpositive`` measured slower by hand (25 ms against 11 ms at 2×1357×6144)."""
     x = np.ascontiguousarray(x)
     t = np.empty_like(x)
     _gelu_inner(x.reshape(-1), t.reshape(-1))
@@ -192,35 +212,21 @@ def gelu_tanh(x):
 
 
 @njit(**_JIT)
-def _shift_rows(s, scale):
-    """s ← s·scale - rowmax(s·scale): the stable softmax argument."""
+def softmax_rows(s, scale=1.0):
+    """In-place softmax(s·scale) over the rows of a 2-D array: max, exp and sum, scale — one launch, rows
+    in cache. A fully masked row (all -inf) gives NaN, as the plain form does."""
     n, m = s.shape
     for r in prange(n):
         mx = -np.inf
         for j in range(m):
-            s[r, j] *= scale
-            mx = max(mx, s[r, j])
-        for j in range(m):
-            s[r, j] -= mx
-
-
-@njit(**_JIT)
-def _normalise_rows(s):
-    n, m = s.shape
-    for r in prange(n):
+            mx = max(mx, s[r, j] * scale)
         t = 0.0
         for j in range(m):
-            t += s[r, j]
+            e = _exp_nonpositive(s[r, j] * scale - mx)
+            s[r, j] = e
+            t += e
         for j in range(m):
             s[r, j] /= t
-
-
-def softmax_rows(s, scale=1.0):
-    """In-place softmax(s·scale) over the last axis of a contiguous 2-D array."""
-    _shift_rows(s, scale)
-    np.exp(s, out=s)
-    _normalise_rows(s)
-    return s
 
 
 def attention(q, k, v, scale, mask=None, budget=None):

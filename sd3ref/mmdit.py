@@ -104,7 +104,8 @@ def joint_block(w, config: SD3Config, context, x, c, pre_only, dual, name):
     # Image stream. Dual (MMDiT-X) blocks have 9 chunks; attn2 reuses LN(x) with chunks 6..8.
     xm = _modulation(xw, c, 9 if dual else 6, name + ".x")
     x_in = x
-    xq, xk, xv = _qkv(xw, "attn", nn.layer_norm_modulate(x_in, xm[0], xm[1], EPS), heads, qk_norm, [f"{name}.x.{n}" for n in "qkv"])
+    xq, xk, xv = _qkv(xw, "attn", nn.layer_norm_modulate(x_in, xm[0], xm[1], EPS), heads, qk_norm,
+                      [f"{name}.x.{n}" for n in "qkv"])
 
     # Joint attention over [context; x] (context first), no mask: zero-padded context tokens take part.
     a = nn.attention(np.concatenate([cq, xq], 2), np.concatenate([ck, xk], 2), np.concatenate([cv, xv], 2),

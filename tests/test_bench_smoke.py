@@ -21,3 +21,10 @@ def test_vae_bench(capsys):
 def test_memory_bench(tmp_path, capsys):
     memory.main(["--size", "32", "--layers", "1", "--file", str(tmp_path / "mmdit.safetensors")])
     assert '"finite": true' in capsys.readouterr().out
+
+
+def test_convert_bench(tmp_path, capsys):
+    from bench import convert
+
+    convert.main(["--tiny", "--dir", str(tmp_path)])
+    assert "| KerasHub preset → canonical |" in capsys.readouterr().out

@@ -1,0 +1,102 @@
+"""Converter throughput and memory on a full-size SD3-medium-shaped checkpoint (MMDiT, VAE, CLIP-L, CLIP-G,
+no T5 — KerasHub's shipped preset), random float16 weights.
+
+    python -m bench.convert [--dir /tmp/sd3ref-bench-convert]
+
+Writes a random canonical file once (one tensor in memory at a time), then times, each in its own
+process so that its peak RSS is its own: canonical → KerasHub preset (`converters.safetensors_to_keras`)
+and that preset → canonical (`converters.keras_to_safetensors`). Baseline in the same run: copying the
+canonical file (disk throughput). Peak RSS is compared with the largest tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bench.common import sd3_medium, tensor_init
+from converters import canonical
+from converters.tensors import write_safetensors
+from sd3ref.config import CLIPConfig, SD3Config
+
+
+def full_size_config(layers=24, hidden=1536, heads=24, position=192, clip_scale=1) -> SD3Config:
+    """SD3-medium with its two CLIP encoders; ``clip_scale`` > 1 shrinks them (smoke test only)."""
+    clip_l = CLIPConfig(vocabulary_size=49408 // clip_scale, hidden_dim=768 // clip_scale, num_layers=12,
+                        num_heads=12, intermediate_dim=3072 // clip_scale, intermediate_activation="quick_gelu",
+                        intermediate_output_index=10, final_layer_norm_epsilon=1e-6)
+    clip_g = CLIPConfig(vocabulary_size=49408 // clip_scale, hidden_dim=1280 // clip_scale, num_layers=32,
+                        num_heads=20, intermediate_dim=5120 // clip_scale, intermediate_activation="gelu",
+                        intermediate_output_index=30, final_layer_norm_epsilon=1e-6)
+    base = sd3_medium(layers, hidden, heads, position)
+    return SD3Config(**{**{f: getattr(base, f) for f in ("mmdit_hidden_dim", "mmdit_num_layers", "mmdit_num_heads",
+                                                         "mmdit_position_size", "mmdit_context_dim", "vae")},
+                        "mmdit_pooled_dim": clip_l.hidden_dim + clip_g.hidden_dim, "clip_l": clip_l, "clip_g": clip_g})
+
+
+def random_canonical(config: SD3Config, path: str) -> dict:
+    shapes = canonical.expected_shapes(config)
+    if not os.path.exists(path):
+        rng = np.random.default_rng(0)
+        entries = [(n, s, np.dtype(np.float16), lambda s=s: tensor_init(s, np.float16, rng)) for n, s in shapes.items()]
+        with open(path + ".part", "wb") as f:
+            write_safetensors(f, entries, {"sd3ref.format": canonical.FORMAT, "sd3ref.config": config.to_json()})
+        os.replace(path + ".part", path)
+    return shapes
+
+
+def timed(args) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of one child process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.read().decode()[-500:]}")
+    return time.perf_counter() - t, usage.ru_maxrss / 2**20
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/tmp/sd3ref-bench-convert")
+    ap.add_argument("--tiny", action="store_true", help="a small model (the smoke test)")
+    a = ap.parse_args(argv)
+    os.makedirs(a.dir, exist_ok=True)
+    config = full_size_config(2, 64, 1, 16, clip_scale=64) if a.tiny else full_size_config()
+    canon = os.path.join(a.dir, "canonical.safetensors")
+    shapes = random_canonical(config, canon)
+    size = os.path.getsize(canon)
+    largest = max(int(np.prod(s)) for s in shapes.values()) * 2  # float16
+    print(f"{len(shapes)} tensors, {sum(int(np.prod(s)) for s in shapes.values()):,} parameters, "
+          f"{size / 1e9:.2f} GB float16; largest tensor {largest / 1e6:.0f} MB")
+
+    copy = os.path.join(a.dir, "copy.safetensors")
+    t = time.perf_counter()
+    shutil.copyfile(canon, copy)
+    copy_s = time.perf_counter() - t
+    os.remove(copy)
+    print(f"baseline: file copy {copy_s:.1f} s, {size / copy_s / 1e9:.2f} GB/s")
+
+    # What a converter process holds before it reads anything (interpreter, numpy, h5py, safetensors).
+    _, base = timed(["converters.keras_to_safetensors", "--help"])
+    print(f"baseline: converter process after imports, peak RSS {base:.2f} GB")
+
+    preset, back = os.path.join(a.dir, "preset"), os.path.join(a.dir, "back.safetensors")
+    print("| conversion | wall s | GB/s | × copy time | peak RSS GB | above imports, × largest tensor |")
+    print("|---|---|---|---|---|---|")
+    for label, args in (("canonical → KerasHub preset", ["converters.safetensors_to_keras", canon, "-o", preset, "--force"]),
+                        ("KerasHub preset → canonical", ["converters.keras_to_safetensors", preset, "-o", back, "--force"])):
+        wall, rss = timed(args)
+        print(f"| {label} | {wall:.1f} | {size / wall / 1e9:.2f} | {wall / copy_s:.1f} | {rss:.2f} "
+              f"| {(rss - base) * 2**30 / largest:.1f} |")
+    shutil.rmtree(preset)
+    os.remove(back)
+
+
+if __name__ == "__main__":
+    main()
