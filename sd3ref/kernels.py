@@ -266,13 +266,11 @@ CONV_BUDGET = 16 << 20  # bytes of im2col patches per block of output rows
 def conv2d(x, w, b=None, stride=1, padding=0, budget=None):
     """im2col in blocks of output rows, one BLAS product per block with K = kh·kw·I (the plain form's
     per-tap products have K = I and run as stacks of small matrices)."""
-    w = np.asarray(w, x.dtype)
+    from .nn import conv_input  # nn imports this module when the fast paths are switched on
+
+    x, w, Ho, Wo = conv_input(x, w, stride, padding)
     O, I, kh, kw = w.shape
-    if isinstance(padding, int):
-        padding = ((padding, padding), (padding, padding))
-    x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    B, H, W, _ = x.shape
-    Ho, Wo = (H - kh) // stride + 1, (W - kw) // stride + 1
+    B = x.shape[0]
     wm = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * I)  # patch features ordered (i, j, channel)
     y = np.empty((B, Ho, Wo, O), x.dtype)
     rows = max(1, min(Ho, (budget or CONV_BUDGET) // (Wo * kh * kw * I * x.dtype.itemsize)))

@@ -161,21 +161,27 @@ def attention(q, k, v, scale, mask=None):
     return softmax(logits) @ v  # (B, heads, Lq, hd)
 
 
+def conv_input(x, w, stride, padding):
+    """Shared by both conv2d paths: the padded NHWC input, the weight in x's dtype and the output size.
+    ``padding`` is an int (all sides) or ((top, bottom), (left, right))."""
+    w = np.asarray(w, x.dtype)
+    _, _, kh, kw = w.shape
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    _, H, W, _ = x.shape
+    return x, w, (H - kh) // stride + 1, (W - kw) // stride + 1
+
+
 def conv2d(x, w, b=None, stride=1, padding=0):
-    """2-D convolution of NHWC ``x`` with an OIHW weight. ``padding`` is an int (all sides) or
-    ((top, bottom), (left, right)); the VAE downsample needs ((0, 1), (0, 1)).
+    """2-D convolution of NHWC ``x`` with an OIHW weight; the VAE downsample pads ((0, 1), (0, 1)).
 
     Written as one matmul per kernel tap (im2col without materialising the patches)."""
     if _kernels:
         return _kernels.conv2d(x, w, b, stride, padding)
-    w = np.asarray(w, x.dtype)
+    x, w, Ho, Wo = conv_input(x, w, stride, padding)
     O, I, kh, kw = w.shape
-    if isinstance(padding, int):
-        padding = ((padding, padding), (padding, padding))
-    x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    B, H, W, _ = x.shape
-    Ho, Wo = (H - kh) // stride + 1, (W - kw) // stride + 1
-    y = np.zeros((B, Ho, Wo, O), x.dtype)
+    y = np.zeros((x.shape[0], Ho, Wo, O), x.dtype)
     for i in range(kh):
         for j in range(kw):
             patch = x[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]  # (B, Ho, Wo, I)
