@@ -23,21 +23,29 @@ import numpy as np
 from bench.common import sd3_medium, tensor_init
 from converters import canonical
 from converters.tensors import write_safetensors
-from sd3ref.config import CLIPConfig, SD3Config
+from sd3ref.config import CLIPConfig, SD3Config, T5Config
 
 
-def full_size_config(layers=24, hidden=1536, heads=24, position=192, clip_scale=1) -> SD3Config:
-    """SD3-medium with its two CLIP encoders; ``clip_scale`` > 1 shrinks them (smoke test only)."""
+def t5_xxl(scale=1, layers=24) -> T5Config:
+    """SD3's T5-XXL v1.1 encoder (HF "gated-gelu" = tanh GELU); ``scale`` > 1 shrinks it (smoke test only)."""
+    return T5Config(vocabulary_size=32128, hidden_dim=4096 // scale, num_layers=layers, num_heads=64 // scale,
+                    intermediate_dim=10240 // scale, key_value_dim=64, activation="gelu_tanh")
+
+
+def full_size_config(layers=24, hidden=1536, heads=24, position=192, clip_scale=1, t5=None) -> SD3Config:
+    """SD3-medium with its two CLIP encoders and, given a ``t5`` config (``t5_xxl()``), T5; ``clip_scale`` > 1
+    shrinks the CLIPs (smoke test only). The MMDiT's context width is T5's (4096 without T5)."""
     clip_l = CLIPConfig(vocabulary_size=49408 // clip_scale, hidden_dim=768 // clip_scale, num_layers=12,
                         num_heads=12, intermediate_dim=3072 // clip_scale, intermediate_activation="quick_gelu",
                         intermediate_output_index=10, final_layer_norm_epsilon=1e-6)
     clip_g = CLIPConfig(vocabulary_size=49408 // clip_scale, hidden_dim=1280 // clip_scale, num_layers=32,
                         num_heads=20, intermediate_dim=5120 // clip_scale, intermediate_activation="gelu",
                         intermediate_output_index=30, final_layer_norm_epsilon=1e-6)
-    base = sd3_medium(layers, hidden, heads, position)
+    base = sd3_medium(layers, hidden, heads, position, context_dim=4096 if t5 is None else t5.hidden_dim)
     return SD3Config(**{**{f: getattr(base, f) for f in ("mmdit_hidden_dim", "mmdit_num_layers", "mmdit_num_heads",
                                                          "mmdit_position_size", "mmdit_context_dim", "vae")},
-                        "mmdit_pooled_dim": clip_l.hidden_dim + clip_g.hidden_dim, "clip_l": clip_l, "clip_g": clip_g})
+                        "mmdit_pooled_dim": clip_l.hidden_dim + clip_g.hidden_dim, "clip_l": clip_l, "clip_g": clip_g,
+                        "t5": t5})
 
 
 def random_canonical(config: SD3Config, path: str) -> dict:

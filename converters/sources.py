@@ -219,17 +219,20 @@ def open_safetensors(path, encoders: dict | None = None, config: SD3Config | Non
     return make_plan(str(path), fmt, cfg, catalog, sai_layout, sai_layout.known_extra)
 
 
-def open_source(path, config=None) -> Plan:
-    """Any supported source. ``config``: a config file (KerasHub .weights.h5) or SD3Config (safetensors)."""
+def open_source(path, config=None, encoders: dict | None = None) -> Plan:
+    """Any supported source. ``config``: a config file (KerasHub .weights.h5) or SD3Config (safetensors).
+    ``encoders`` (component -> path): separate Stability text-encoder files beside a single file."""
     try:
         kind = detect(path)
+        if encoders and kind in ("diffusers", "keras"):
+            raise FormatError(f"{path}: separate text-encoder files go with a Stability single file, not a {kind} source")
         if kind == "diffusers":
             return open_diffusers(path)
         if kind == "keras":
             return open_keras(path, config)
         if config is not None and not isinstance(config, SD3Config):
             config = config_from_file(config)
-        return open_safetensors(path, config=config)
+        return open_safetensors(path, encoders, config)
     except FormatError as e:
         raise ConversionError(str(e)) from None
     except ConfigError as e:

@@ -50,17 +50,10 @@ def _read_image(path, mode, size=None):
 
 
 def _load_model(args):
-    from converters.sources import config_from_file, open_safetensors
-
-    from .model import Model, load
-    from .weights import Weights
+    from .model import load
 
     encoders = {c: getattr(args, c) for c in ("clip_l", "clip_g", "t5") if getattr(args, c)}
-    if not encoders:
-        return load(args.weights, args.dtype, args.config)
-    config = config_from_file(args.config) if args.config else None
-    plan = open_safetensors(args.weights, encoders, config)
-    return Model(plan.config, Weights(plan), args.dtype)
+    return load(args.weights, args.dtype, args.config, cache_gb=args.weight_cache_gb, encoders=encoders or None)
 
 
 def _writable(path: Path) -> None:
@@ -143,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--convention", default="keras", choices=["keras", "diffusers", "sai"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--weight-cache-gb", type=float, default=0.0, metavar="GB",
+                   help="keep up to GB of MMDiT weights upcast after the first step (SD3-medium: 8 GB in "
+                        "float32, ~26%% faster steps; default 0: re-read every step, minimal memory)")
     p.add_argument("--rounding", default="keras", choices=["keras", "diffusers", "sai"],
                    help="uint8 conversion: keras / diffusers round, sai truncates")
     p.add_argument("--weights", default=str(EMBEDDED),

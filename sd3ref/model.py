@@ -62,15 +62,21 @@ class Model:
         return vae.decode(_scope(self.weights, "vae"), self.config.vae, z, self.dtype)
 
 
-def load(source, dtype="float32", config=None) -> Model:
+def load(source, dtype="float32", config=None, cache_gb=0.0, encoders=None) -> Model:
     """Load a KerasHub preset folder, a diffusers folder or a Stability / canonical .safetensors file.
 
     ``config`` (an SD3Config, a KerasHub config.json, a diffusers folder or an SD3Config JSON file) is only
     needed for a Stability file without sd3ref metadata whose head counts differ from Stability's 64-wide
-    heads: shapes cannot tell head counts."""
-    from .weights import load_weights  # h5py and safetensors are only needed here
+    heads: shapes cannot tell head counts.
+
+    ``encoders`` ({"clip_l" | "clip_g" | "t5": path}) adds Stability's separate text-encoder files.
+    ``cache_gb`` > 0 keeps up to that many GB of MMDiT weights upcast to ``dtype`` after their first use
+    (``weights.UpcastCache``), for runs that call the MMDiT many times."""
+    from .weights import UpcastCache, load_weights  # h5py and safetensors are only needed here
 
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise ValueError(f"compute dtype must be float32 or float64, not {dtype}")
-    weights, config = load_weights(source, config=config)
+    weights, config = load_weights(source, config=config, encoders=encoders)
+    if cache_gb > 0:
+        weights = UpcastCache(weights, canonical.PREFIX["mmdit"], dtype, int(cache_gb * 2**30))
     return Model(config, weights, np.dtype(dtype).name)

@@ -48,10 +48,41 @@ class Weights(Mapping):
         return {n[len(prefix):]: self[n] for n in self.shapes if n.startswith(prefix)}
 
 
-def load_weights(source: Union[str, Path], config: Optional[Union[SD3Config, str, Path]] = None
-                 ) -> tuple[Weights, SD3Config]:
+class UpcastCache(Mapping):
+    """``weights`` with the tensors under ``prefix`` kept upcast to ``dtype`` after their first read, up to
+    ``max_bytes`` (first come, first kept; the rest are read and upcast on every access, as without a cache).
+
+    For the MMDiT, which a generation run reads once per step: re-reading and upcasting its float16
+    weights costs ~26% of a 256×256 step (docs/performance.md), and SD3-medium's MMDiT is 8 GB in float32."""
+
+    def __init__(self, weights: Mapping, prefix: str, dtype="float32", max_bytes: int = 0):
+        self._weights, self._prefix, self._dtype, self._left = weights, prefix, np.dtype(dtype), max_bytes
+        self._kept: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._kept:
+            return self._kept[name]
+        a = self._weights[name]
+        if name.startswith(self._prefix) and a.size * self._dtype.itemsize <= self._left:
+            a = self._kept[name] = np.array(a, self._dtype)
+            self._left -= a.nbytes
+        return a
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def __contains__(self, name) -> bool:
+        return name in self._weights
+
+
+def load_weights(source: Union[str, Path], config: Optional[Union[SD3Config, str, Path]] = None,
+                 encoders: Optional[dict] = None) -> tuple[Weights, SD3Config]:
     """(weights, config) of ``source``. ``config`` overrides what the source records or implies:
     needed for a bare ``.weights.h5`` without a config.json beside it, and for Stability files of
-    models whose heads are not 64 wide (the shapes cannot show the head count)."""
-    plan = open_source(source, config)
+    models whose heads are not 64 wide (the shapes cannot show the head count). ``encoders``
+    ({"clip_l" | "clip_g" | "t5": path}) adds Stability's separate text-encoder files to a single file."""
+    plan = open_source(source, config, encoders)
     return Weights(plan), plan.config

@@ -28,3 +28,12 @@ def test_convert_bench(tmp_path, capsys):
 
     convert.main(["--tiny", "--dir", str(tmp_path)])
     assert "| KerasHub preset → canonical |" in capsys.readouterr().out
+
+
+def test_end_to_end_bench(tmp_path, capsys):
+    from bench import end_to_end
+
+    end_to_end.main(["--tiny", "--dir", str(tmp_path), "--cache-gb", "0.01"])
+    out = capsys.readouterr().out
+    assert "| T5-XXL |" in out and "| VAE decode |" in out and "image finite: True" in out
+    assert not list(tmp_path.iterdir())  # the random file is deleted without --keep

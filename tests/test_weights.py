@@ -111,3 +111,19 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         load_weights(bad)
     with pytest.raises(WeightsError, match="no such file"):
         load_weights(tmp_path / "missing.safetensors")
+
+
+@needs_golden
+def test_upcast_cache_keeps_mmdit_weights_within_its_budget():
+    from sd3ref.weights import UpcastCache
+
+    weights, _ = load_weights(GOLDEN / "sd3" / "sai.safetensors")
+    mmdit = [n for n in weights if n.startswith(canonical.PREFIX["mmdit"])]
+    budget = sum(int(np.prod(weights.shapes[n])) * 4 for n in mmdit) // 2  # half the MMDiT in float32
+    cache = UpcastCache(weights, canonical.PREFIX["mmdit"], "float32", budget)
+    for n in weights:
+        a = cache[n]
+        assert np.array_equal(a, weights[n]) and a.dtype == (np.float32 if n in cache._kept else weights[n].dtype)
+    assert cache._kept and set(cache._kept) <= set(mmdit)
+    assert budget // 2 < sum(a.nbytes for a in cache._kept.values()) <= budget
+    assert all(cache[n] is cache._kept[n] for n in cache._kept)  # kept, not re-read
