@@ -173,11 +173,15 @@ def denoise(model: Model, latents, cond: Conditioning, sigmas, guidance, start=0
     return x
 
 
+# dtype of the training sigma table σ_min is read from. diffusers builds it in float32 and does the rest in
+# float64 (reproduced exactly); KerasHub and Stability compute the whole schedule in float32, which a float64
+# run cannot copy (both ≲ 1e-7 away from the float64 table).
+SIGMA_TABLE = {"keras": np.float64, "diffusers": np.float32, "sai": np.float64}
+
+
 def schedule(model: Model, steps: int, convention="keras"):
-    """The N+1 sigmas, in float64. diffusers reads σ_min from a float32 table; KerasHub and Stability
-    compute the whole schedule in float32, which a float64 run cannot copy (both ≲ 1e-7 away)."""
-    table = np.float32 if convention == "diffusers" else np.float64
-    return scheduler.sigmas(steps, model.config.shift, model.config.num_train_timesteps, table)
+    """The N+1 sigmas, in float64."""
+    return scheduler.sigmas(steps, model.config.shift, model.config.num_train_timesteps, SIGMA_TABLE[convention])
 
 
 def start_step(steps: int, strength: float) -> int:

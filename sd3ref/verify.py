@@ -10,8 +10,9 @@ the framework's own inputs (its token ids, ``inputs.npz``) and compared with the
     sai         <set>/sai.safetensors diffusers_float32.npz, diffusers_float64.npz   diffusers
 
 Relative error = max|ours − theirs| / max|theirs|; it must stay ≤ 1e-5 in float32 and ≤ 1e-10 in float64.
-float64 references come from torch only (KerasHub cannot compute in float64). Every framework returns a
-float32 sigma schedule, so the scheduler is checked against the float32 files only.
+float64 references come from torch only (KerasHub cannot compute in float64). The schedule is float64 by
+design and is checked in every file: the float32 files hold float32-rounded sigmas; diffusers' float64 run
+(float32 pins lifted, golden/README.md) matches the schedule built on its float32 σ table exactly.
 
 The generation stages (``t2i``, ``i2i``, ``inpaint``) run ``sd3ref.pipeline`` on the framework's token ids and
 injected noise: every step's latents and the decoded image to the same tolerances; the uint8 images, in
@@ -96,7 +97,7 @@ def _nhwc(x, reference_file):
     return x.transpose(0, 2, 3, 1) if nchw else x
 
 
-def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_scheduler: bool, constants=None) -> dict:
+def outputs(model: Model, inputs: dict, ref: dict, convention: str, constants=None) -> dict:
     """sd3ref's value of every reference key it can compute, from the framework's own inputs; the
     generation stages too when the set's ``constants`` (manifest.json) are given."""
     out = {}
@@ -133,13 +134,13 @@ def outputs(model: Model, inputs: dict, ref: dict, convention: str, with_schedul
     if constants is not None:
         out.update(pipeline_outputs(model, inputs, ref, convention, constants))
 
-    if with_scheduler:
-        for key in ref:
-            if key.startswith("scheduler/sigmas_"):
-                n, shift = key[len("scheduler/sigmas_n"):].split("_shift")
-                s = scheduler.sigmas(int(n), float(shift), model.config.num_train_timesteps)
-                out[key] = s
-                out[f"scheduler/timesteps_n{n}_shift{shift}"] = scheduler.timesteps(s, model.config.num_train_timesteps)
+    for key in ref:
+        if key.startswith("scheduler/sigmas_"):
+            n, shift = key[len("scheduler/sigmas_n"):].split("_shift")
+            s = scheduler.sigmas(int(n), float(shift), model.config.num_train_timesteps,
+                                 pipeline.SIGMA_TABLE[convention])
+            out[key] = s
+            out[f"scheduler/timesteps_n{n}_shift{shift}"] = scheduler.timesteps(s, model.config.num_train_timesteps)
     return out
 
 
@@ -193,8 +194,7 @@ def set_rows(set_dir, runs=RUNS) -> list[dict]:
         ref = load_npz(set_dir / ref_file)
         if "tokens/t5" in ref and "t5/sequence" not in ref:  # diffusers: stored once, inside the context
             ref["t5/sequence"] = ref["cond/context"][:, 77:]
-        ours = outputs(Model(config, weights, dtype), inputs, ref, convention, with_scheduler=dtype == "float32",
-                       constants=constants)
+        ours = outputs(Model(config, weights, dtype), inputs, ref, convention, constants=constants)
         for key in sorted(ours):
             if key in ref:
                 row = {"set": set_dir.name, "component": key, "source": source, "dtype": dtype}
