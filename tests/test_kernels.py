@@ -67,13 +67,41 @@ def test_rms_norm_on_strided_heads(dtype, b, l, h, d, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
-@given(b=st.integers(1, 2), h=dims, w=dims, groups=st.integers(1, 4), cg=st.integers(1, 5), seed=seeds)
-def test_group_norm_and_silu(dtype, b, h, w, groups, cg, seed):
+@given(l=dims, h=st.integers(1, 4), d=dims, weighted=st.booleans(), seed=seeds)
+def test_rms_norm_on_other_layouts(dtype, l, h, d, weighted, seed):
+    # contiguous, a transposed (non-viewable: the copying fallback) and a 1-D input; with and without weight
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, (l, h, d), dtype), rand(rng, d, dtype) if weighted else None
+    for a in (x, x.transpose(1, 0, 2), x[0, 0]):
+        close(kernels.rms_norm(a, w, 1e-6), nn.rms_norm(a, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 2), h=dims, w=dims, groups=st.integers(1, 4), cg=st.integers(1, 5),
+       offset=st.sampled_from([0.0, 1e3]), seed=seeds)
+def test_group_norm_and_silu(dtype, b, h, w, groups, cg, offset, seed):
+    # an outlier at the first position, where the one-read statistics take their shift (float64 only: the
+    # float32 oracle itself loses 2e-5 there)
     rng = np.random.default_rng(seed)
     c = groups * cg
     x, gw, gb = rand(rng, (b, h, w, c), dtype), rand(rng, c, dtype), rand(rng, c, dtype)
+    if dtype is np.float64:
+        x[:, 0, 0] += offset  # an outlier where the one-read form takes its shift
     close(kernels.group_norm(x, groups, gw, gb, 1e-6), nn.group_norm(x, groups, gw, gb, 1e-6), dtype)
     close(kernels.group_norm_silu(x, groups, gw, gb, 1e-6), nn.group_norm_silu(x, groups, gw, gb, 1e-6), dtype)
+
+
+def test_group_norm_second_read(monkeypatch):
+    # (shift - mean)² > 10³·var, possible only with > 10³ values per group: the centred second read runs
+    rng = np.random.default_rng(0)
+    x, gw, gb = rand(rng, (1, 40, 40, 2), np.float64), rand(rng, 2, np.float64), rand(rng, 2, np.float64)
+    x[:, 0, 0] += 1e4
+    calls = []
+    sums = kernels._channel_sums
+    monkeypatch.setattr(kernels, "_channel_sums", lambda *a: calls.append(1) or sums(*a))
+    close(kernels.group_norm_silu(x, 2, gw, gb, 1e-6), nn.group_norm_silu(x, 2, gw, gb, 1e-6), np.float64)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
