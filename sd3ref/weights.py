@@ -37,6 +37,11 @@ class Weights(Mapping):
             raise KeyError(name)
         return to_float32(self.plan.read(name))
 
+    def __contains__(self, name) -> bool:
+        # Mapping's default would read (and decode) the tensor just to answer: `"x.bias" in weights`
+        # runs for every Linear call.
+        return name in self.shapes
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 

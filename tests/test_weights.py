@@ -127,3 +127,11 @@ def test_upcast_cache_keeps_mmdit_weights_within_its_budget():
     assert cache._kept and set(cache._kept) <= set(mmdit)
     assert budget // 2 < sum(a.nbytes for a in cache._kept.values()) <= budget
     assert all(cache[n] is cache._kept[n] for n in cache._kept)  # kept, not re-read
+
+
+@needs_golden
+def test_membership_does_not_read_the_tensor(monkeypatch):
+    weights, _ = load_weights(GOLDEN / "sd3" / "sai.safetensors")
+    name = next(iter(weights))
+    monkeypatch.setattr(weights.plan, "read", lambda n: pytest.fail(f"read {n} for a membership test"))
+    assert name in weights and "no.such.tensor" not in weights
