@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import time
 
+import numba
 import numpy as np
 
 from sd3ref.config import SD3Config
@@ -50,11 +51,19 @@ def matmul_gflops(n=2048, dtype="float32", repeat=3) -> float:
     return 2 * n**3 / best / 1e9
 
 
+@numba.njit(parallel=True)
+def _parallel_copy(a, b):
+    for i in numba.prange(a.size):
+        b[i] = a[i]
+
+
 def copy_gbps(nbytes=256 << 20, repeat=5) -> float:
-    """Memory bandwidth of this run: GB/s moved (read + write) by a large float32 copy."""
+    """Memory bandwidth of this run: GB/s moved (read + write) by a large float32 copy into an existing
+    array, the faster of NumPy's (one core) and a numba copy on all cores (measured 40 and 45 GB/s here)."""
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
-    best, _ = best_of(lambda: np.copyto(b, a), repeat)
+    _parallel_copy(a, b)
+    best = min(best_of(lambda: np.copyto(b, a), repeat)[0], best_of(lambda: _parallel_copy(a, b), repeat)[0])
     return 2 * nbytes / best / 1e9
 
 

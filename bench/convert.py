@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -59,14 +60,31 @@ def random_canonical(config: SD3Config, path: str) -> dict:
     return shapes
 
 
+# Runs a module as `python -m` would, then writes the process's own peak RSS (VmHWM, KiB) to a file. Not
+# wait4's ru_maxrss: a child started by vfork + exec is charged its parent's peak at the exec.
+_RUN_AND_REPORT_PEAK = """
+import runpy, sys
+report, sys.argv = sys.argv[1], sys.argv[2:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as f, open(report, "w") as out:
+        out.write(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+"""
+
+
 def timed(args) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one child process."""
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.read().decode()[-500:]}")
-    return time.perf_counter() - t, usage.ru_maxrss / 2**20
+    """(wall seconds, peak RSS GB) of ``python -m *args`` in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "peak")
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT_PEAK, report, *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.decode()[-500:]}")
+        with open(report) as f:
+            return wall, int(f.read()) / 2**20
 
 
 def main(argv=None):

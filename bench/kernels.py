@@ -35,29 +35,37 @@ def elementwise(scale, repeat):
     qkv = rng.standard_normal((B, L, 3, 24, 64), dtype=np.float32)
     img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
     gw, gb = np.ones(128, np.float32), np.zeros(128, np.float32)
-    cases = [  # name, fast, args, plain twin, bytes a single pass must move (read input + write output)
-        ("layer_norm_modulate", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate,
+    h2, img2 = h.copy(), img.copy()
+    cases = [  # name, output, fast, args, plain twin, bytes the op must move at least (reads + writes)
+        ("layer_norm_modulate", "fresh", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate,
          2 * x.nbytes),
-        ("gelu_tanh", kernels.gelu_tanh, (h,), nn.gelu_tanh, 2 * h.nbytes),
-        ("rms_norm (q heads)", kernels.rms_norm, (qkv[:, :, 0], np.ones(64, np.float32), 1e-6), nn.rms_norm,
+        ("gelu_tanh", "fresh", kernels.gelu_tanh, (h,), nn.gelu_tanh, 2 * h.nbytes),
+        ("gelu_tanh", "in place (MMDiT MLP)", lambda a: kernels.gelu_tanh(a, out=a), (h2,), nn.gelu_tanh, 2 * h.nbytes),
+        ("rms_norm (q heads)", "fresh", kernels.rms_norm, (qkv[:, :, 0], np.ones(64, np.float32), 1e-6), nn.rms_norm,
          2 * qkv.nbytes // 3),
-        ("group_norm_silu", kernels.group_norm_silu, (img, 32, gw, gb, 1e-6), nn.group_norm_silu, 2 * img.nbytes),
+        ("group_norm_silu", "fresh", kernels.group_norm_silu, (img, 32, gw, gb, 1e-6), nn.group_norm_silu,
+         3 * img.nbytes),
+        ("group_norm_silu", "in place (VAE norm2)", lambda *a: kernels.group_norm_silu(*a, out=a[0]),
+         (img2, 32, gw, gb, 1e-6), nn.group_norm_silu, 3 * img.nbytes),
     ]
-    print(f"\nmemory bandwidth (float32 copy, read + write) {bw:.1f} GB/s; numba threads {kernels.threads()}")
-    print("| kernel | fast ms | spread | plain ms | speed-up | fraction of bandwidth |\n|---|---|---|---|---|---|")
-    for name, fast, args, twin, nbytes in cases:
+    print(f"\nmemory bandwidth (float32 copy into an existing array, read + write) {bw:.1f} GB/s; "
+          f"numba threads {kernels.threads()}")
+    print("| kernel | output | fast ms | spread | plain ms | speed-up | fraction of bandwidth | "
+          "of the op's minimum traffic |\n|---|---|---|---|---|---|---|---|")
+    for name, output, fast, args, twin, minimum in cases:
+        once = 2 * args[0].nbytes if name != "rms_norm (q heads)" else minimum  # one read + one write
         fast(*args)  # compile / load the cache
         t, times = best_of(lambda: fast(*args), repeat)
         tp, _ = best_of(lambda: _plain(twin, *args), max(1, repeat // 2))
-        print(f"| {name} | {t * 1e3:.1f} | {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f} | {tp * 1e3:.1f} | "
-              f"{tp / t:.1f}× | {nbytes / t / 1e9 / bw:.0%} |", flush=True)
+        print(f"| {name} | {output} | {t * 1e3:.1f} | {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f} | {tp * 1e3:.1f} | "
+              f"{tp / t:.1f}× | {once / t / 1e9 / bw:.0%} | {minimum / t / 1e9 / bw:.0%} |", flush=True)
 
 
 def attention(scale, repeat, plain_max_tokens=1400):
     roof = matmul_gflops()
     rng = np.random.default_rng(0)
     print(f"\nfloat32 matmul roofline {roof:.0f} GFLOP/s; attention budget {kernels.ATTENTION_BUDGET >> 20} MiB "
-          "of logits per block")
+          f"of logits per block and thread, {kernels.threads()} threads")
     print("| image | tokens | fast s | spread | plain s | speed-up | roofline | extra MiB fast / plain logits |")
     print("|---|---|---|---|---|---|---|---|")
     for image in (256, 512, 1024):
@@ -66,6 +74,7 @@ def attention(scale, repeat, plain_max_tokens=1400):
         kernels.attention(q, k, v, 0.125)
         t, times = best_of(lambda: kernels.attention(q, k, v, 0.125), repeat)
         flops = 4 * 2 * 24 * L * L * 64
+        workers = min(kernels.threads(), 2 * 24)  # one logits block per attention thread
         block = min(L, kernels.ATTENTION_BUDGET // (4 * L))
         if L <= plain_max_tokens:  # the plain path's (2, 24, L, L) logits are 7.5 GB at 1024×1024
             tp, _ = best_of(lambda: _plain(nn.attention, q, k, v, 0.125), 1)
@@ -73,7 +82,7 @@ def attention(scale, repeat, plain_max_tokens=1400):
         else:
             plain = "not run | –"
         print(f"| {image} | {L} | {t:.3f} | {min(times):.3f}–{max(times):.3f} | {plain} | "
-              f"{flops / t / 1e9 / roof:.0%} | {block * L * 4 / 2**20:.1f} / {2 * 24 * L * L * 4 / 2**20:.0f} |",
+              f"{flops / t / 1e9 / roof:.0%} | {workers * block * L * 4 / 2**20:.1f} / {2 * 24 * L * L * 4 / 2**20:.0f} |",
               flush=True)
 
 

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -68,7 +69,9 @@ def run(sizes, repeat, config, torch_python=None, plain=True):
     del weights, w
     if torch_python:
         for size in sizes:
-            out = subprocess.run([torch_python, "-m", "bench.torch_mmdit", str(size), str(repeat),
+            # By path, so that the torch interpreter needs none of sd3ref's dependencies (bench/__init__ imports
+            # sd3ref); -P keeps bench/ off sys.path, where its modules would shadow the ones diffusers imports.
+            out = subprocess.run([torch_python, "-P", str(Path(__file__).with_name("torch_mmdit.py")), str(size), str(repeat),
                                   json.dumps(config.to_dict())], capture_output=True, text=True, check=True)
             t = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(dict(size=size, impl="torch", seconds=t["best"], spread=spread(t["times"]),

@@ -1,5 +1,5 @@
 """diffusers' SD3Transformer2DModel (torch CPU, float32, random weights) timed like bench.mmdit; run by it in
-a separate interpreter that has torch + diffusers: ``python -m bench.torch_mmdit SIZE REPEAT CONFIG_JSON``.
+a separate interpreter that has torch + diffusers: ``python -P bench/torch_mmdit.py SIZE REPEAT CONFIG_JSON``.
 Prints one JSON line: best and all times, peak RSS."""
 
 import json

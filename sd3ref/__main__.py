@@ -28,7 +28,12 @@ def _guarded(command, args) -> int:
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
         try:
-            return command(args)
+            rc = command(args)
+            sys.stdout.flush()  # inside the try: a closed pipe shows up at the flush of buffered output
+            return rc
+        except BrokenPipeError:  # `sd3ref info ... | head`: the reader left; nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 0
         except (ConversionError, FormatError, ConfigError, PipelineError, TokenizerFileError) as e:
             print(f"error: {e}", file=sys.stderr)
         except OSError as e:  # includes Pillow's UnidentifiedImageError

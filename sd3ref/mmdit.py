@@ -81,7 +81,8 @@ def _merge_heads(a):
 
 def _mlp_residual(w, x, shift, scale, gate, name):
     h = nn.layer_norm_modulate(x, shift, scale, EPS)
-    h = nn.dense(nn.gelu_tanh(nn.dense(h, w, "mlp.fc1")), w, "mlp.fc2")
+    h = nn.dense(h, w, "mlp.fc1")  # (B, L, mlp_ratio·D)
+    h = nn.dense(nn.gelu_tanh(h, out=h), w, "mlp.fc2")
     trace.record(name + ".mlp", h)
     x = x + gate * h
     trace.record(name + ".out", x)

@@ -2,7 +2,7 @@
 
 Conventions: activations are NHWC / (B, L, D); weights keep torch layouts (Linear (out, in), Conv OIHW),
 because the canonical checkpoint is Stability's torch file. The compute dtype is the dtype of the
-activation: weights are upcast to it at use (``np.asarray(w, x.dtype)``), so float16 or memory-mapped
+activation: weights are upcast to it at use (``upcast(w, x.dtype)``), so float16 or memory-mapped
 weights cost nothing until a layer runs, and a float64 run never passes through float32. Scalars are Python
 floats, which NumPy treats as "weak" and never uses to promote or demote an array.
 
@@ -53,10 +53,17 @@ class Scope(Mapping):
         return sum(1 for _ in self)
 
 
+def upcast(w, dtype):
+    """A stored weight (float16, float32, memory-mapped or not) in the compute dtype."""
+    if _kernels:
+        return _kernels.upcast(w, dtype)
+    return np.asarray(w, dtype)
+
+
 def linear(x, w, b=None):
     """``x @ w.T + b`` with a torch-layout weight ``w`` of shape (out, in)."""
     # One 2-D product: NumPy runs (B, L, in) @ (in, out) as B separate products, measured 2.5× slower.
-    y = (x.reshape(-1, x.shape[-1]) @ np.asarray(w, x.dtype).T).reshape(*x.shape[:-1], -1)
+    y = (x.reshape(-1, x.shape[-1]) @ upcast(w, x.dtype).T).reshape(*x.shape[:-1], -1)
     if b is not None:
         y += np.asarray(b, x.dtype)  # in place: y is ours, a second (B, L, out) array would be one more pass
     return y
@@ -110,22 +117,31 @@ def group_norm(x, groups, weight, bias, eps=1e-6):
     return g.reshape(B, H, W, C) * np.asarray(weight, x.dtype) + np.asarray(bias, x.dtype)
 
 
-def group_norm_silu(x, groups, weight, bias, eps=1e-6):
-    """SiLU(GroupNorm(x)), the VAE's pre-convolution pair."""
+def _into(y, out):
+    """y, or y written into ``out`` (an activation the caller no longer needs: writing over it spares a fresh
+    array, whose pages the kernel must zero on first touch)."""
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+def group_norm_silu(x, groups, weight, bias, eps=1e-6, out=None):
+    """SiLU(GroupNorm(x)), the VAE's pre-convolution pair. ``out`` may be x itself."""
     if _kernels:
-        return _kernels.group_norm_silu(x, groups, weight, bias, eps)
-    return silu(group_norm(x, groups, weight, bias, eps))
+        return _kernels.group_norm_silu(x, groups, weight, bias, eps, out)
+    return _into(silu(group_norm(x, groups, weight, bias, eps)), out)
 
 
 def silu(x):
     return x * expit(x)
 
 
-def gelu_tanh(x):
-    """The tanh approximation (torch ``approximate="tanh"``, HF ``gelu_new``)."""
+def gelu_tanh(x, out=None):
+    """The tanh approximation (torch ``approximate="tanh"``, HF ``gelu_new``). ``out`` may be x itself."""
     if _kernels:
-        return _kernels.gelu_tanh(x)
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+        return _kernels.gelu_tanh(x, out)
+    return _into(0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))), out)
 
 
 def gelu_erf(x):
@@ -161,26 +177,27 @@ def attention(q, k, v, scale, mask=None):
     return softmax(logits) @ v  # (B, heads, Lq, hd)
 
 
-def conv_input(x, w, stride, padding):
-    """Shared by both conv2d paths: the padded NHWC input, the weight in x's dtype and the output size.
-    ``padding`` is an int (all sides) or ((top, bottom), (left, right))."""
-    w = np.asarray(w, x.dtype)
-    _, _, kh, kw = w.shape
+def pads(padding):
+    """((top, bottom), (left, right)) from an int (all sides) or that pair of pairs."""
     if isinstance(padding, int):
-        padding = ((padding, padding), (padding, padding))
-    x = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    _, H, W, _ = x.shape
-    return x, w, (H - kh) // stride + 1, (W - kw) // stride + 1
+        return (padding, padding), (padding, padding)
+    return tuple(tuple(p) for p in padding)
 
 
-def conv2d(x, w, b=None, stride=1, padding=0):
-    """2-D convolution of NHWC ``x`` with an OIHW weight; the VAE downsample pads ((0, 1), (0, 1)).
+def conv2d(x, w, b=None, stride=1, padding=0, upsample=1):
+    """2-D convolution of NHWC ``x`` with an OIHW weight. ``padding``: see ``pads`` (the VAE downsample pads
+    ((0, 1), (0, 1))). ``upsample``: x is first upsampled by this factor, nearest neighbour (the VAE
+    decoder's upsampling conv; the fast path reads the small x directly, never the upsampled copy).
 
     Written as one matmul per kernel tap (im2col without materialising the patches)."""
     if _kernels:
-        return _kernels.conv2d(x, w, b, stride, padding)
-    x, w, Ho, Wo = conv_input(x, w, stride, padding)
+        return _kernels.conv2d(x, w, b, stride, padding, upsample)
+    if upsample > 1:
+        x = upsample_nearest(x, upsample)
+    w = upcast(w, x.dtype)
     O, I, kh, kw = w.shape
+    x = np.pad(x, ((0, 0), *pads(padding), (0, 0)))
+    Ho, Wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
     y = np.zeros((x.shape[0], Ho, Wo, O), x.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -189,9 +206,9 @@ def conv2d(x, w, b=None, stride=1, padding=0):
     return y if b is None else y + np.asarray(b, x.dtype)
 
 
-def upsample_nearest2x(x):
-    """Nearest-neighbour ×2 on NHWC."""
-    return x.repeat(2, axis=1).repeat(2, axis=2)
+def upsample_nearest(x, factor=2):
+    """Nearest-neighbour upsampling of NHWC by an integer factor."""
+    return x.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
 use_kernels(os.environ.get("SD3REF_KERNELS", "1") != "0")

@@ -18,8 +18,9 @@ def _norm(w, name, config: VAEConfig, x):
     return nn.group_norm(x, config.num_groups, w[name + ".weight"], w[name + ".bias"], config.norm_epsilon)
 
 
-def _norm_silu(w, name, config: VAEConfig, x):
-    return nn.group_norm_silu(x, config.num_groups, w[name + ".weight"], w[name + ".bias"], config.norm_epsilon)
+def _norm_silu(w, name, config: VAEConfig, x, out=None):
+    return nn.group_norm_silu(x, config.num_groups, w[name + ".weight"], w[name + ".bias"], config.norm_epsilon,
+                              out=out)
 
 
 def _conv(w, name, x, **kw):
@@ -28,7 +29,7 @@ def _conv(w, name, x, **kw):
 
 def _resnet(w, config, x):
     h = _conv(w, "conv1", _norm_silu(w, "norm1", config, x), padding=1)
-    h = _conv(w, "conv2", _norm_silu(w, "norm2", config, h), padding=1)
+    h = _conv(w, "conv2", _norm_silu(w, "norm2", config, h, out=h), padding=1)  # h is ours: in place
     if "nin_shortcut.weight" in w:  # 1×1 conv where the channel count changes
         x = _conv(w, "nin_shortcut", x)
     return x + h
@@ -91,9 +92,9 @@ def decode(weights, config: VAEConfig, z, dtype="float32"):
         for j in range(config.decoder_num_blocks[i]):
             x = _resnet(nn.Scope(w, f"{up}block.{j}."), config, x)
         if i < stages - 1:
-            x = _conv(w, up + "upsample.conv", nn.upsample_nearest2x(x), padding=1)
+            x = _conv(w, up + "upsample.conv", x, padding=1, upsample=2)  # nearest 2× first
         trace.record(f"vae.decoder.stages.{i}", x)  # numbered in execution order, as diffusers' up_blocks
-    x = _conv(w, "conv_out", _norm_silu(w, "norm_out", config, x), padding=1)
+    x = _conv(w, "conv_out", _norm_silu(w, "norm_out", config, x, out=x), padding=1)
     trace.record("vae.decoder.out", x)
     return x
 

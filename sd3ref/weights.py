@@ -20,6 +20,7 @@ import numpy as np
 from converters.sources import ConversionError, Plan, open_source
 from converters.tensors import to_float32
 
+from . import nn
 from .config import SD3Config
 
 WeightsError = ConversionError
@@ -69,7 +70,7 @@ class UpcastCache(Mapping):
             return self._kept[name]
         a = self._weights[name]
         if name.startswith(self._prefix) and a.size * self._dtype.itemsize <= self._left:
-            a = self._kept[name] = np.array(a, self._dtype)
+            a = self._kept[name] = nn.upcast(a, self._dtype) if a.dtype == np.float16 else np.array(a, self._dtype)
             self._left -= a.nbytes
         return a
 

@@ -88,6 +88,14 @@ def test_info(capsys):
     assert code == 0 and "diffusers" in out.splitlines()[0]
 
 
+def test_info_into_a_closed_pipe():
+    # `sd3ref info | head -1`: the reader is gone before the output is flushed → exit 0, nothing on stderr
+    proc = subprocess.Popen([sys.executable, "-m", "sd3ref", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
+
+
 def _vocab_too_big(tmp_path):
     d = tmp_path / "clip_l"
     shutil.copytree(SET / "keras/assets/clip_l_tokenizer", d)

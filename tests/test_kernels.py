@@ -1,6 +1,7 @@
 """The numba / blocked fast paths (sd3ref.kernels) against their plain-NumPy twins (sd3ref.nn), on random
 inputs of awkward sizes, float32 and float64."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -89,7 +90,11 @@ def test_group_norm_and_silu(dtype, b, h, w, groups, cg, offset, seed):
     if dtype is np.float64:
         x[:, 0, 0] += offset  # an outlier where the one-read form takes its shift
     close(kernels.group_norm(x, groups, gw, gb, 1e-6), nn.group_norm(x, groups, gw, gb, 1e-6), dtype)
-    close(kernels.group_norm_silu(x, groups, gw, gb, 1e-6), nn.group_norm_silu(x, groups, gw, gb, 1e-6), dtype)
+    ref = nn.group_norm_silu(x, groups, gw, gb, 1e-6)
+    close(kernels.group_norm_silu(x, groups, gw, gb, 1e-6), ref, dtype)
+    y = x.copy()  # in place, as the VAE calls it on an activation it owns
+    assert kernels.group_norm_silu(y, groups, gw, gb, 1e-6, out=y) is y
+    close(y, ref, dtype)
 
 
 def test_group_norm_second_read(monkeypatch):
@@ -109,31 +114,115 @@ def test_group_norm_second_read(monkeypatch):
 @given(shape=st.lists(dims, min_size=1, max_size=3), seed=seeds)
 def test_gelu_tanh(dtype, shape, seed):
     x = rand(np.random.default_rng(seed), shape, dtype, 4.0)
-    close(kernels.gelu_tanh(x), nn.gelu_tanh(x), dtype)
+    ref = nn.gelu_tanh(x)
+    close(kernels.gelu_tanh(x), ref, dtype)
+    y, plain = x.copy(), x.copy()  # in place, as the MMDiT's MLP calls it
+    assert kernels.gelu_tanh(y, out=y) is y and nn.gelu_tanh(plain, out=plain) is plain
+    close(y, ref, dtype)
+    np.testing.assert_array_equal(plain, ref)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.gelu_tanh(x, out=np.empty(x.shape, np.float16))
+
+
+@numba.njit
+def _exp_all(y, out):
+    for i in range(y.size):
+        out[i] = kernels._exp(y[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_against_libm(dtype):
+    # the whole range of each dtype, computed in that dtype: normal results within 2 ulp of the exact value,
+    # subnormal ones within one subnormal step, 0 / inf / NaN exactly where NumPy's exp gives them
+    rng = np.random.default_rng(0)
+    lo, hi = (-760.0, 720.0) if dtype is np.float64 else (-110.0, 95.0)
+    y = np.concatenate([np.linspace(lo, hi, 400_001), rng.uniform(-1, 1, 100_000),
+                        [0.0, -0.0, 1e-30, -1e-30, np.log(np.finfo(dtype).max), -87.3, -103.9, -708.4, -745.1,
+                         np.inf, -np.inf, np.nan]]).astype(dtype)
+    out = np.empty_like(y)
+    _exp_all(y, out)
+    with np.errstate(over="ignore", under="ignore"):
+        ref = np.exp(y)
+        exact = np.exp(y.astype(np.longdouble))  # float64 inputs: long double's extra bits, where the platform has them
+    normal = np.isfinite(ref) & (ref >= np.finfo(dtype).tiny)
+    err = np.abs(out[normal].astype(np.longdouble) - exact[normal])
+    assert np.all(err <= 2 * np.spacing(ref[normal]))
+    sub = ~normal & np.isfinite(ref)
+    assert np.all(np.abs(out[sub] - ref[sub]) <= np.finfo(dtype).smallest_subnormal)
+    for special in (np.isinf, np.isnan, lambda a: a == 0):
+        assert np.array_equal(special(out), special(ref))
+
+
+def test_upcast_every_float16_exactly():
+    # all 65,536 bit patterns (zeros, subnormals, normals, inf, NaN payloads), bit for bit, in a 2-D,
+    # a transposed (copied first) and a memory-mapped array; other dtype pairs are NumPy's cast
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    for w in (every, every.T):
+        up = kernels.upcast(w, np.float32)
+        assert up.shape == w.shape and up.dtype == np.float32
+        assert np.array_equal(up.view(np.uint32), w.astype(np.float32).view(np.uint32))
+    assert kernels.upcast(every, np.float64).dtype == np.float64
+    small = every[:2, :3]
+    assert np.array_equal(kernels.upcast(small, np.float32), small.astype(np.float32), equal_nan=True)
+
+
+def test_upcast_from_a_memory_map(tmp_path):
+    w = np.random.default_rng(0).standard_normal((300, 700)).astype(np.float16)
+    w.tofile(tmp_path / "w.bin")
+    mapped = np.memmap(tmp_path / "w.bin", np.float16, "r", shape=w.shape)
+    assert np.array_equal(kernels.upcast(mapped, np.float32), w.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations_at_extremes(dtype):
+    # exp(-2u) and exp(-y) overflow to inf (x / inf = -0), ±inf and NaN inputs, tiny inputs
+    x = np.array([-1e30, -1e4, -100.0, -20.0, -1e-30, -0.0, 0.0, 1e-30, 20.0, 100.0, 1e4, 1e30,
+                  np.inf, -np.inf, np.nan], dtype)
+    def each(fast, ref, arg):
+        # per element, against the argument's magnitude (|GELU(x)|, |SiLU(x)| ≤ |x|): ``close`` would scale
+        # by the infinite maximum. The plain forms round to 0 where the exact value is tiny (tanh's 1 + (-1)
+        # for GELU(-20), scipy's float32 expit(-100)); the fast forms keep it, within that tolerance.
+        assert fast.dtype == ref.dtype == dtype
+        finite = np.isfinite(ref)
+        assert np.array_equal(fast[~finite], ref[~finite], equal_nan=True)
+        assert np.all(np.abs(fast[finite] - ref[finite]) <= TOL[dtype] * np.abs(arg[finite]) + np.finfo(dtype).tiny)
+        nonzero = finite & (ref != 0)
+        assert np.array_equal(np.signbit(fast[nonzero]), np.signbit(ref[nonzero]))
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        each(kernels.gelu_tanh(x), nn.gelu_tanh(x), x)
+        img = x[:12].reshape(1, 1, 12, 1)  # weight 0: every output is SiLU(bias)
+        w, b = np.zeros(1, dtype), np.zeros(1, dtype)
+        for bias in x:
+            b[0] = bias
+            each(kernels.group_norm_silu(img, 1, w, b), nn.group_norm_silu(img, 1, w, b), np.full(img.shape, bias))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
 @given(b=st.integers(1, 2), h=st.integers(1, 3), lq=dims, lk=dims, hd=st.integers(1, 9),
-       mask=st.sampled_from([None, "bias", "causal"]), budget=st.sampled_from([1, 200, None]), seed=seeds)
-def test_attention(dtype, b, h, lq, lk, hd, mask, budget, seed):
+       mask=st.sampled_from([None, "bias", "causal"]), budget=st.sampled_from([1, 200, None]),
+       scale=st.sampled_from([0.3, 1.0, -0.7]), seed=seeds)
+def test_attention(dtype, b, h, lq, lk, hd, mask, budget, scale, seed):
     # budget=1 forces one query per block; 200 bytes a few; None the default (one block here).
     rng = np.random.default_rng(seed)
     q, k, v = (rand(rng, (b, h, n, hd), dtype) for n in (lq, lk, lk))
     m = {None: None, "bias": rand(rng, (1, h, lq, lk), dtype),
          "causal": np.triu(np.full((lq, lk), -np.inf, dtype), 1)}[mask]
-    close(kernels.attention(q, k, v, 0.3, m, budget), nn.attention(q, k, v, 0.3, m), dtype)
+    close(kernels.attention(q, k, v, scale, m, budget), nn.attention(q, k, v, scale, m), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
 @given(b=st.integers(1, 2), h=st.integers(1, 11), w=st.integers(1, 11), i=st.integers(1, 5), o=st.integers(1, 5),
-       k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.sampled_from([0, 1, ((0, 1), (0, 1))]),
-       budget=st.sampled_from([1, None]), seed=seeds)
-def test_conv2d(dtype, b, h, w, i, o, k, stride, pad, budget, seed):
+       k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.sampled_from([0, 1, 2, ((0, 1), (0, 1)), ((2, 0), (1, 3))]),
+       up=st.sampled_from([1, 2, 3]), bias=st.booleans(), budget=st.sampled_from([1, None]), seed=seeds)
+def test_conv2d(dtype, b, h, w, i, o, k, stride, pad, up, bias, budget, seed):
+    # padding and upsampling are read in place by the fast im2col: every border, factor and block split
     rng = np.random.default_rng(seed)
-    x, wt, bias = rand(rng, (b, h + k, w + k, i), dtype), rand(rng, (o, i, k, k), np.float16), rand(rng, o, dtype)
-    close(kernels.conv2d(x, wt, bias, stride, pad, budget), nn.conv2d(x, wt, bias, stride, pad), dtype)
+    x, wt = rand(rng, (b, h + k, w + k, i), dtype), rand(rng, (o, i, k, k), np.float16)
+    bs = rand(rng, o, dtype) if bias else None
+    close(kernels.conv2d(x, wt, bs, stride, pad, up, budget), nn.conv2d(x, wt, bs, stride, pad, up), dtype)
 
 
 def test_switch_routes_nn_to_kernels():

@@ -148,8 +148,9 @@ def test_attention_mask_and_upsample(dtype):
     # Row 0 sees only key 0.
     close(out[:, :, 0], v[:, :, 0].astype(np.float64), dtype)
     x = rng.standard_normal((1, 2, 3, 2)).astype(dtype)
-    up = nn.upsample_nearest2x(x)
+    up = nn.upsample_nearest(x, 2)
     assert up.shape == (1, 4, 6, 2) and (up[:, 1::2, 1::2] == x).all() and (up[:, ::2, 1::2] == x).all()
+    assert (nn.upsample_nearest(x, 3)[:, 2::3, ::3] == x).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
