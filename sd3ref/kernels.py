@@ -4,20 +4,23 @@ plain-NumPy twin of the same name in ``nn`` (the oracle); ``nn.use_kernels`` is 
 
 Why they are faster: a NumPy expression such as LayerNorm + modulate makes ~8 passes over a (B, L, D)
 array, each allocating a temporary; the numba kernels make one or two, in parallel over rows. Attention
-never materialises more than ``ATTENTION_BUDGET`` bytes of logits: queries are processed in blocks, each
-block's full row of keys at once (so no online softmax is needed), with both products in BLAS.
+never materialises more than ``ATTENTION_BUDGET`` bytes of logits per thread: queries are processed in
+blocks, each block's full row of keys at once (so no online softmax is needed), both products in BLAS.
 
 numba has no vector math library here (no SVML): a scalar ``math.exp`` in a loop is an opaque libm call
 that stops vectorisation. ``_exp`` is built from arithmetic and a bit cast instead, so GELU, SiLU and the
-softmax are each one vectorised pass.
+softmax are each one vectorised pass, in the data's own precision.
 
-Threads: numba's prange uses ``NUMBA_NUM_THREADS`` (default: all cores), OpenBLAS uses
-``OPENBLAS_NUM_THREADS`` (default: all cores). They never run at the same time (no kernel calls BLAS), so
-the defaults do not oversubscribe; to share a machine, set both variables to the same smaller count.
-numba's threading layer is "workqueue" unless ``NUMBA_THREADING_LAYER`` says otherwise: the OpenMP layer's
-spinning workers fight OpenBLAS's for the cores: a LayerNorm of a 666×1536 array took 7-12 ms instead of
-0.4 ms on 2 cores (measured once by hand, docs/performance.md). workqueue does not allow kernels to be
-launched from two Python threads at once.
+Threads: numba's prange uses ``NUMBA_NUM_THREADS`` (default: all cores), OpenBLAS ``OPENBLAS_NUM_THREADS``
+(default: all cores). The numba kernels never call BLAS, so the two pools take turns. The attention is the
+one place that runs both: ``threads()`` Python threads each take a share of the heads and run BLAS
+single-threaded in the calling thread (threadpoolctl limits BLAS to 1 thread for the call), so there are
+never more busy threads than cores. Idle OpenBLAS workers spin after each product: ``sd3ref/__init__``
+shortens that (OPENBLAS_THREAD_TIMEOUT) where it can. To share a machine, set both variables to the same
+smaller count. numba's threading layer is "workqueue" unless ``NUMBA_THREADING_LAYER`` says otherwise:
+the OpenMP layer's spinning workers fight OpenBLAS's for the cores (a LayerNorm of a 666×1536 array took
+7-12 ms instead of 0.4 ms on 2 cores, measured by hand). workqueue does not allow parallel kernels to be
+launched from two Python threads at once: the attention's threads call only serial, GIL-free ones.
 """
 
 from __future__ import annotations
@@ -215,15 +218,15 @@ def _rms_heads(flat, s0, s1, n, m, w, out, eps):
     are read where they lie inside the fused qkv projection, with no contiguous copy first. ``flat`` is a
     contiguous 1-D span (numba vectorises its unit-stride rows; a strided 3-D array measured 5× slower)."""
     d = w.shape[0]
-    for t in prange(n * m):
-        i, h = t // m, t % m
-        row = flat[i * s0 + h * s1:i * s0 + h * s1 + d]  # a slice: unit-stride, no wraparound checks
-        v = 0.0
-        for j in range(d):
-            v += row[j] * row[j]
-        inv = 1.0 / math.sqrt(v / d + eps)
-        for j in range(d):
-            out[i, h, j] = row[j] * inv * w[j]
+    for i in prange(n):  # per token, its heads inside: one prange item per head measured 1.7× slower (median)
+        for h in range(m):
+            row = flat[i * s0 + h * s1:i * s0 + h * s1 + d]  # a slice: unit-stride, no wraparound checks
+            v = 0.0
+            for j in range(d):
+                v += row[j] * row[j]
+            inv = 1.0 / math.sqrt(v / d + eps)
+            for j in range(d):
+                out[i, h, j] = row[j] * inv * w[j]
 
 
 def _as3(x):

@@ -25,6 +25,7 @@ the framework's own rounding, in counts (``UINT8_TOLERANCE``). The diffusers fil
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,9 @@ def format_table(rows) -> str:
 def main(args) -> int:
     sets = args.sets or golden_sets(args.golden)
     if not sets:
-        print(f"no golden sets under {args.golden}")
+        # A wheel carries only the embedded model (golden/sd3/keras), not the fixtures with their outputs.
+        print(f"error: no golden sets (*/manifest.json) under {args.golden}: the fixtures come with a source "
+              "checkout of sd3ref; point --golden at its golden/ folder", file=sys.stderr)
         return 1
     rows = run(args.golden, sets)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))

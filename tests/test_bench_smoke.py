@@ -1,5 +1,6 @@
 """Every benchmark at a tiny size, so they never rot (the real runs are not part of CI; see docs/performance.md)."""
 
+from bench import compile as compile_bench
 from bench import kernels, memory, mmdit, vae
 
 
@@ -37,3 +38,8 @@ def test_end_to_end_bench(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| T5-XXL |" in out and "| VAE decode |" in out and "image finite: True" in out
     assert not list(tmp_path.iterdir())  # the random file is deleted without --keep
+
+
+def test_compile_bench(capsys):
+    compile_bench.main([])
+    assert "| filled cache (load) |" in capsys.readouterr().out

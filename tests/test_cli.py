@@ -88,6 +88,13 @@ def test_info(capsys):
     assert code == 0 and "diffusers" in out.splitlines()[0]
 
 
+def test_verify_without_fixtures(capsys, tmp_path):
+    # e.g. after a wheel install: one error line that says where the fixtures are, exit 1
+    code, out, err = run(capsys, "verify", "--golden", str(tmp_path))
+    assert code == 1 and out == "" and err.startswith("error: no golden sets") and "--golden" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_info_into_a_closed_pipe():
     # `sd3ref info | head -1`: the reader is gone before the output is flushed → exit 0, nothing on stderr
     proc = subprocess.Popen([sys.executable, "-m", "sd3ref", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
