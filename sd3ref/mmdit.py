@@ -65,9 +65,10 @@ def _qkv(w, attn, x, heads, qk_norm, names):
     B, L, D = x.shape
     qkv = nn.dense(x, w, attn + ".qkv").reshape(B, L, 3, heads, D // heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, hd)
-    if qk_norm:  # per head, over hd
-        q = nn.rms_norm(q, w[attn + ".ln_q.weight"], EPS)
-        k = nn.rms_norm(k, w[attn + ".ln_k.weight"], EPS)
+    if qk_norm:  # per head, over hd; q and k in one call: their weights stacked (2, 1, hd)
+        scales = np.stack([np.asarray(w[attn + ".ln_q.weight"]), np.asarray(w[attn + ".ln_k.weight"])])
+        qk = nn.rms_norm(qkv[:, :, :2], scales[:, None], EPS)  # (B, L, 2, heads, hd)
+        q, k = qk[:, :, 0], qk[:, :, 1]
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     for n, a in zip(names, (q, k, v)):
         trace.record(n, a)

@@ -75,6 +75,15 @@ def dense(x, weights, name):
     return linear(x, weights[name + ".weight"], weights[bias] if bias in weights else None)
 
 
+def _into(y, out):
+    """y, or y written into ``out`` (an activation the caller no longer needs: writing over it spares a fresh
+    array, whose pages the kernel must zero on first touch)."""
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last axis with the biased (population) variance; affine parts optional."""
     if _kernels:
@@ -115,15 +124,6 @@ def group_norm(x, groups, weight, bias, eps=1e-6):
     gc = g - mu
     g = gc / np.sqrt((gc * gc).mean(axis=(1, 2, 4), keepdims=True) + eps)
     return g.reshape(B, H, W, C) * np.asarray(weight, x.dtype) + np.asarray(bias, x.dtype)
-
-
-def _into(y, out):
-    """y, or y written into ``out`` (an activation the caller no longer needs: writing over it spares a fresh
-    array, whose pages the kernel must zero on first touch)."""
-    if out is None:
-        return y
-    out[...] = y
-    return out
 
 
 def group_norm_silu(x, groups, weight, bias, eps=1e-6, out=None):

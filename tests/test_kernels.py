@@ -68,6 +68,26 @@ def test_rms_norm_on_strided_heads(dtype, b, l, h, d, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
+@given(b=st.integers(1, 3), l=dims, h=st.integers(1, 4), d=dims, seed=seeds)
+def test_rms_norm_on_q_and_k_together(dtype, b, l, h, d, seed):
+    # mmdit's call: q and k of the fused qkv in one view (B, L, 2, heads, hd), one weight row each
+    rng = np.random.default_rng(seed)
+    qkv = rand(rng, (b, l, 3, h, d), dtype)
+    w = rand(rng, (2, 1, d), np.float16)
+    fast, ref = kernels.rms_norm(qkv[:, :, :2], w, 1e-6), nn.rms_norm(qkv[:, :, :2], w, 1e-6)
+    close(fast, ref, dtype)
+    close(fast[:, :, 1], nn.rms_norm(qkv[:, :, 1], w[1], 1e-6), dtype)  # = k normalised alone
+    # one weight row for both: (B, L, 2) cannot merge into rows of a view, so the kernel reads a copy
+    close(kernels.rms_norm(qkv[:, :, :2], w[0, 0], 1e-6), nn.rms_norm(qkv[:, :, :2], w[0, 0], 1e-6), dtype)
+
+
+def test_rms_norm_weight_must_not_enlarge_x():
+    with pytest.raises(ValueError, match="enlarge"):
+        kernels.rms_norm(np.ones((3, 4)), np.ones((2, 3, 4)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
 @given(l=dims, h=st.integers(1, 4), d=dims, weighted=st.booleans(), seed=seeds)
 def test_rms_norm_on_other_layouts(dtype, l, h, d, weighted, seed):
     # contiguous, a transposed (non-viewable: the copying fallback) and a 1-D input; with and without weight
