@@ -70,6 +70,7 @@ class UpcastCache(Mapping):
             return self._kept[name]
         a = self._weights[name]
         if name.startswith(self._prefix) and a.size * self._dtype.itemsize <= self._left:
+            # an owned copy either way (np.asarray would keep a float32 memory map as it is)
             a = self._kept[name] = nn.upcast(a, self._dtype) if a.dtype == np.float16 else np.array(a, self._dtype)
             self._left -= a.nbytes
         return a
