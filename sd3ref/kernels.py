@@ -188,17 +188,32 @@ def _rows(x):
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
 
-def _vec(a, like, n, fill):
-    """A (groups, D) parameter table in ``like``'s dtype (``fill`` where the layer has no such parameter)."""
+def _table(a, x, fill):
+    """A parameter that broadcasts against x (B, ..., D) as a (groups, D) table whose row r // (rows // groups)
+    serves row r of x's rows: one group when it varies only over D, B groups for adaLN's (B, 1, D), one
+    group per row (the parameter expanded) for any other broadcast pattern."""
+    n = x.shape[-1]
     if a is None:
-        return np.full((1, n), fill, like.dtype)
-    return np.ascontiguousarray(np.asarray(a, like.dtype).reshape(-1, n))
+        return np.full((1, n), fill, x.dtype)
+    a = np.asarray(a, x.dtype)
+    lead = (1,) * (x.ndim - a.ndim) + a.shape[:-1]  # a's axes before D, aligned with x's
+    varying = [i for i, s in enumerate(lead) if s != 1]
+    if not varying or (varying == list(range(len(varying))) and lead[:len(varying)] == x.shape[:len(varying)]):
+        return np.ascontiguousarray(a.reshape(-1, n))  # constant over x's trailing row axes: contiguous groups
+    return np.ascontiguousarray(np.broadcast_to(a, x.shape).reshape(-1, n))
 
 
 def _norm(x, mul, add, eps, centre):
+    if x.size == 0:
+        return np.empty_like(x)
     xr = _rows(x)
     out = np.empty_like(xr)
-    mul, add = _vec(mul, x, xr.shape[1], 1.0), _vec(add, x, xr.shape[1], 0.0)
+    mul, add = _table(mul, x, 1.0), _table(add, x, 0.0)
+    # group counts nest (1 | B | ... | rows): expand the coarser table to the finer one
+    if mul.shape[0] < add.shape[0]:
+        mul = np.repeat(mul, add.shape[0] // mul.shape[0], axis=0)
+    elif add.shape[0] < mul.shape[0]:
+        add = np.repeat(add, mul.shape[0] // add.shape[0], axis=0)
     _norm_rows(xr, mul, add, out, eps, centre, max(1, xr.shape[0] // mul.shape[0]))
     return out.reshape(x.shape)
 
@@ -358,7 +373,7 @@ def _output(x, out):
     """Where an elementwise kernel writes: a fresh array, or ``out`` (which may be x: each element is read
     before it is written)."""
     if out is None:
-        return np.empty_like(x)
+        return np.empty(x.shape, x.dtype)  # C order whatever x's: the kernels write through a C-order reshape
     if out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {x.shape}")
     return out
@@ -393,9 +408,16 @@ def _gelu(x, out):
 
 
 def gelu_tanh(x, out=None):
-    x = np.ascontiguousarray(x)
-    out = _output(x, out)
-    _gelu(x.reshape(-1), out.reshape(-1))
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):  # what the plain form gives: integers → float64, float16 kept
+        y = gelu_tanh(x.astype(np.float32 if x.dtype == np.float16 else np.result_type(x.dtype, 0.5)))
+        if out is None:
+            return y.astype(np.result_type(x.dtype, 0.5))
+        out[...] = y  # as the plain form's ``out``: NumPy's casting
+        return out
+    xc = np.require(x, requirements="C")  # keeps 0-d arrays 0-d, unlike np.ascontiguousarray
+    out = _output(xc, out)
+    _gelu(xc.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -533,8 +555,15 @@ def conv2d(x, w, b=None, stride=1, padding=0, upsample=1, budget=None):
     O, I, kh, kw = w.shape
     B, H, W, _ = x.shape
     (top, bottom), (left, right) = pads(padding)
+    if x.shape[3] != I:
+        raise ValueError(f"conv2d: input has {x.shape[3]} channels, the weight expects {I}")
+    if min(top, bottom, left, right) < 0 or upsample < 1 or stride < 1:
+        raise ValueError(f"conv2d: padding {padding}, stride {stride} and upsample {upsample} must be ≥ 0, ≥ 1, ≥ 1")
     Ho = (H * upsample + top + bottom - kh) // stride + 1
     Wo = (W * upsample + left + right - kw) // stride + 1
+    if Ho <= 0 or Wo <= 0 or I * kh * kw == 0:  # nothing to gather: the plain form's zeros (+ bias)
+        y = np.zeros((B, max(Ho, 0), max(Wo, 0), O), x.dtype)
+        return y if b is None else y + np.asarray(b, x.dtype)
     wt = w.transpose(2, 3, 1, 0).reshape(kh * kw * I, O)  # (K, O), K ordered (i, j, channel) as the patches
     bias = None if b is None else np.asarray(b, x.dtype)
     y = np.empty((B, Ho, Wo, O), x.dtype)

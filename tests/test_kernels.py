@@ -254,6 +254,49 @@ def test_conv2d(dtype, b, h, w, i, o, k, stride, pad, up, bias, budget, seed):
     close(kernels.conv2d(x, wt, bs, stride, pad, up, budget), nn.conv2d(x, wt, bs, stride, pad, up), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_parameters_of_every_broadcast_shape(dtype):
+    # adaLN's (B, 1, D) and (1, 1, D) mixed, per-token (1, L, D) and (L, D) tables, an empty D
+    rng = np.random.default_rng(0)
+    x = rand(rng, (3, 5, 4), dtype)
+    for shift, scale in [((3, 1, 4), (1, 1, 4)), ((1, 1, 4), (3, 1, 4)), ((1, 5, 4), (3, 1, 4)), ((5, 4), (4,))]:
+        sh, sc = rand(rng, shift, dtype, 1.0), rand(rng, scale, dtype, 1.0)
+        close(kernels.layer_norm_modulate(x, sh, sc, 1e-6), exact(nn.layer_norm_modulate, x, sh, sc, 1e-6), dtype)
+        close(kernels.layer_norm(x, sc, sh, 1e-5), exact(nn.layer_norm, x, sc, sh, 1e-5), dtype)
+    assert kernels.layer_norm(np.ones((2, 0), dtype)).shape == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_of_non_c_order_input(dtype):
+    rng = np.random.default_rng(0)
+    gw, gb = rand(rng, 6, dtype), rand(rng, 6, dtype)
+    for x in (np.asfortranarray(rand(rng, (2, 4, 5, 6), dtype)), rand(rng, (2, 5, 4, 6), dtype).transpose(0, 2, 1, 3)):
+        close(kernels.group_norm(x, 2, gw, gb), nn.group_norm(x, 2, gw, gb), dtype)
+        close(kernels.group_norm_silu(x, 3, gw, gb), nn.group_norm_silu(x, 3, gw, gb), dtype)
+
+
+def test_conv2d_bad_and_empty_shapes():
+    x = np.ones((1, 3, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="4 channels"):
+        kernels.conv2d(x, np.ones((3, 2, 1, 1), np.float32))
+    with pytest.raises(ValueError, match="padding"):
+        kernels.conv2d(x, np.ones((3, 4, 1, 1), np.float32), padding=-1)
+    narrow, w, b = np.ones((1, 5, 2, 2), np.float32), np.ones((3, 2, 3, 3), np.float32), np.ones(3, np.float32)
+    fast, ref = kernels.conv2d(narrow, w, b), nn.conv2d(narrow, w, b)  # output width 0
+    assert fast.shape == ref.shape == (1, 3, 0, 3)
+
+
+def test_gelu_of_other_dtypes_and_shapes():
+    for x in (np.float32(1.5) * np.ones((), np.float32), np.arange(-3, 4), np.linspace(-3, 3, 7).astype(np.float16)):
+        fast, ref = kernels.gelu_tanh(x), nn.gelu_tanh(x)
+        assert fast.shape == ref.shape and fast.dtype == ref.dtype
+        tol = 2e-3 if x.dtype == np.float16 else 1e-6  # float16: the plain form computes in float16, the fast in float32
+        np.testing.assert_allclose(fast.astype(np.float64), ref.astype(np.float64), rtol=0,
+                                   atol=tol * max(1.0, float(np.abs(ref).max())))
+    z = np.ones((), np.float32)
+    assert kernels.gelu_tanh(z, out=z) is z and abs(float(z) - float(nn.gelu_tanh(np.ones((), np.float32)))) < 1e-6
+
+
 def test_switch_routes_nn_to_kernels():
     saved = nn._kernels
     try:
