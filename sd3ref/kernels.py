@@ -473,11 +473,12 @@ def _blas_single_threaded():
 
 
 def attention(q, k, v, scale, mask=None, budget=None):
-    """Scaled dot-product attention on (B, heads, L, hd). Heads are shared out among ``threads()`` Python
-    threads, each running single-threaded BLAS on blocks of at most ``budget`` bytes of logits (default
-    ``ATTENTION_BUDGET`` per thread): extra memory O(threads × block × Lk), never the full Lq × Lk. A
-    (block, Lk) product with K = head dim is too small for OpenBLAS to split well over threads (106 GFLOP/s
-    on 2 cores at 512×512, against 120 per core for one head per thread)."""
+    """Scaled dot-product attention on (B, heads, L, hd). The (head, query block) pairs are shared out among
+    ``threads()`` Python threads, each running single-threaded BLAS on blocks of at most ``budget`` bytes
+    of logits (default ``ATTENTION_BUDGET`` per thread): extra memory O(threads × block × Lk), never the
+    full Lq × Lk. A (block, Lk) product with K = head dim is too small for OpenBLAS to split well over
+    threads (106 GFLOP/s on 2 cores at 512×512, against 120 per core for one head per thread). With fewer
+    heads than threads (the VAE's single head) the query blocks are shared instead."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * H, a.shape[2], a.shape[3]) for a in (q, k, v))
@@ -485,32 +486,35 @@ def attention(q, k, v, scale, mask=None, budget=None):
     block = max(1, min(Lq, (budget or ATTENTION_BUDGET) // (Lk * q.dtype.itemsize)))
     fused = mask is None and scale > 0  # the numerators take the row max before scaling
     m4 = None if fused else np.broadcast_to(np.asarray(0 if mask is None else mask, q.dtype), (B, H, Lq, Lk))
-    step = max(1, min(threads(), B * H))
+    starts = range(0, Lq, block)
+    if B * H >= threads():  # whole heads per thread: balanced, each head's keys read by one thread
+        shares = [[(bh, i) for i in starts] for bh in range(B * H)]
+    else:  # fewer heads than threads (the VAE's single head): the query blocks are shared
+        shares = [[(bh, i)] for bh in range(B * H) for i in starts]
+    step = max(1, min(threads(), len(shares)))
     one, scaled = q.dtype.type(1), q.dtype.type(scale)
 
-    def heads(first):
+    def blocks(first):
         s, inv = np.empty((block, Lk), q.dtype), np.empty(block, q.dtype)
-        for bh in range(first, B * H, step):
-            kt = k3[bh].T
-            for i in range(0, Lq, block):
-                j = min(i + block, Lq)
-                sb = s[:j - i]
-                np.matmul(q3[bh, i:j], kt, out=sb)
-                if fused:
-                    _softmax_numerators(sb, scaled, inv)
-                else:  # the plain order: logits·scale + mask, then softmax
-                    sb *= scale
-                    sb += m4[bh // H, bh % H, i:j]
-                    _softmax_numerators(sb, one, inv)
-                ob = out[bh, i:j]
-                np.matmul(sb, v3[bh], out=ob)
-                ob *= inv[:j - i, None]
+        for bh, i in (item for share in shares[first::step] for item in share):
+            j = min(i + block, Lq)
+            sb = s[:j - i]
+            np.matmul(q3[bh, i:j], k3[bh].T, out=sb)
+            if fused:
+                _softmax_numerators(sb, scaled, inv)
+            else:  # the plain order: logits·scale + mask, then softmax
+                sb *= scale
+                sb += m4[bh // H, bh % H, i:j]
+                _softmax_numerators(sb, one, inv)
+            ob = out[bh, i:j]
+            np.matmul(sb, v3[bh], out=ob)
+            ob *= inv[:j - i, None]
 
     if step == 1:
-        heads(0)
+        blocks(0)
     else:
         with _blas_single_threaded():
-            for f in [_workers(step).submit(heads, t) for t in range(step)]:
+            for f in [_workers(step).submit(blocks, t) for t in range(step)]:
                 f.result()
     return out.reshape(B, H, Lq, v.shape[-1])
 
