@@ -43,24 +43,25 @@ _JIT = dict(cache=True, parallel=True, fastmath={"reassoc", "contract"}, nogil=T
 ATTENTION_BUDGET = 4 << 20  # bytes of logits per block and thread (1-4 MiB measured within 10% at 512×512)
 
 
-def _exponent_field(bits, bias, mantissa, float_type):
-    """An intrinsic: 2.0**n for an integer n of ``bits`` bits within the normal exponents, by writing n + bias
-    into the exponent field. A bit cast, not a table lookup or a libm call, so loops that use it vectorise."""
-    int_type = getattr(types, f"int{bits}")
-    fp = types.float64 if bits == 64 else types.float32
+_LLVM = {types.float64: ir.DoubleType(), types.float32: ir.FloatType(), types.int64: ir.IntType(64),
+         types.uint32: ir.IntType(32)}
 
+
+def _bitcast(source, target):
+    """An intrinsic that reinterprets a ``source`` scalar's bits as ``target`` (same width): numba has no
+    such operation, and a bit cast, unlike a table lookup or a libm call, keeps loops vectorisable."""
     @intrinsic
-    def pow2(typingctx, n):
+    def cast(typingctx, x):
         def codegen(context, builder, signature, args):
-            i = ir.IntType(bits)
-            field = builder.shl(builder.add(args[0], ir.Constant(i, bias)), ir.Constant(i, mantissa))
-            return builder.bitcast(field, float_type)
-        return fp(int_type), codegen
-    return pow2
+            return builder.bitcast(args[0], _LLVM[target])
+        return target(source), codegen
+    return cast
 
 
-_pow2_f64 = _exponent_field(64, 1023, 52, ir.DoubleType())
-_pow2_f32 = _exponent_field(32, 127, 23, ir.FloatType())
+_float64_from_bits = _bitcast(types.int64, types.float64)
+_float32_from_bits = _bitcast(types.uint32, types.float32)
+_bits_from_float32 = _bitcast(types.float32, types.uint32)
+_U = np.uint32
 
 
 # exp(y) = 2**n · exp(r), y = n·ln2 + r, |r| ≤ ln2/2, ln2 split into a short "hi" part (n·hi is exact) and a
@@ -79,8 +80,8 @@ def _exp_f64(y):
               1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
         p = p * r + c
     k = np.int64(n)
-    h = k >> 1
-    e = p * _pow2_f64(h) * _pow2_f64(k - h)
+    h = k >> 1  # 2**n as 2**h · 2**(n - h): each half's exponent field (+ 1023 bias) stays normal
+    e = p * _float64_from_bits((h + 1023) << 52) * _float64_from_bits((k - h + 1023) << 52)
     return e if y == y else y  # NaN stays NaN
 
 
@@ -96,7 +97,7 @@ def _exp_f32(y):
         p = p * r + c
     k = np.int32(n)
     h = k >> 1
-    e = p * _pow2_f32(h) * _pow2_f32(k - h)
+    e = p * _float32_from_bits(_U((h + 127) << 23)) * _float32_from_bits(_U((k - h + 127) << 23))
     return e if y == y else y
 
 
@@ -112,23 +113,6 @@ def _exp_for(y):
     return lambda y: _exp_f64(y)
 
 
-@intrinsic
-def _float_from_bits(typingctx, u):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def _bits_from_float(typingctx, f):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
-
-
-_U = np.uint32
-
-
 @njit(inline="always")
 def _half_to_single(h):
     """The float32 bits of the float16 bits h, exactly (all 65,536 patterns are tested): exponent rebiased by
@@ -138,9 +122,9 @@ def _half_to_single(h):
     e = o & _U(0x0F800000)
     o = o + _U(0x38000000)
     o = o + _U(0x38000000) if e == _U(0x0F800000) else o
-    sub = _float_from_bits(o + _U(0x00800000)) - _float_from_bits(_U(0x38800000))
-    o = _bits_from_float(sub) if e == _U(0) else o
-    return _float_from_bits(o | ((h & _U(0x8000)) << _U(16)))
+    sub = _float32_from_bits(o + _U(0x00800000)) - _float32_from_bits(_U(0x38800000))
+    o = _bits_from_float32(sub) if e == _U(0) else o
+    return _float32_from_bits(o | ((h & _U(0x8000)) << _U(16)))
 
 
 @njit(**_JIT)
