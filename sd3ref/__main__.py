@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sd3ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from . import verify
+    from . import conditioning, pipeline, verify
     p = commands.add_parser("verify", help="compare every component with the golden KerasHub / diffusers outputs")
     p.add_argument("sets", nargs="*", help="golden sets to check (default: all)")
     p.add_argument("--golden", default=str(verify.GOLDEN), help="golden fixture folder (default: %(default)s)")
@@ -139,12 +139,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance", type=float, default=7.0, help="≤ 1 skips the unconditional pass")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--convention", default="keras", choices=["keras", "diffusers", "sai"])
+    p.add_argument("--convention", default="keras", choices=conditioning.CONVENTIONS)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--weight-cache-gb", type=float, default=0.0, metavar="GB",
                    help="keep up to GB of MMDiT weights upcast after the first step (SD3-medium: 8 GB in "
                         "float32, ~26%% faster steps; default 0: re-read every step, minimal memory)")
-    p.add_argument("--rounding", default="keras", choices=["keras", "diffusers", "sai"],
+    p.add_argument("--rounding", default="keras", choices=pipeline.ROUNDINGS,
                    help="uint8 conversion: keras / diffusers round, sai truncates")
     p.add_argument("--weights", default=str(EMBEDDED),
                    help="KerasHub preset, diffusers folder or .safetensors (default: %(default)s)")
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                    help="npz with golden input keys (tokens/*, mmdit/*, vae/image, vae/z); repeat to merge")
     p.add_argument("-o", "--output", required=True, help="trace file to write (.safetensors)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--convention", default="diffusers", choices=["keras", "diffusers", "sai"])
+    p.add_argument("--convention", default="diffusers", choices=conditioning.CONVENTIONS)
     p.add_argument("--config", help="config for a Stability file without metadata (see sd3ref.load)")
     p.set_defaults(func=trace.main)
 

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RTOL = {"float32": 1e-5, "float64": 1e-10}  # the tolerances of `verify`
+from .config import VAEConfig
+from .verify import TOLERANCE as RTOL
+
 LAYOUTS = ("identity", "nchw", "token_major", "merged_heads")
 # SD3's latent normalisation constants (VAEConfig defaults; every SD3 / SD3.5 VAE uses them).
-LATENT_SHIFT, LATENT_SCALE = 0.0609, 1.5305
+LATENT_SHIFT, LATENT_SCALE = VAEConfig().shift, VAEConfig().scale
 
 
 # ---------------------------------------------------------------------------------------------------

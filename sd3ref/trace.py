@@ -114,11 +114,11 @@ def run(model, inputs: dict, convention="diffusers") -> None:
 def main(args) -> int:
     """``python -m sd3ref trace``."""
     from .model import load
+    from .verify import load_npz
 
     inputs = {}
     for path in args.inputs:
-        with np.load(path) as f:
-            inputs.update((k, f[k]) for k in f.files)
+        inputs.update(load_npz(path))
     model = load(args.source, args.dtype, args.config)
     meta = {"source": args.source, "dtype": model.dtype, "convention": args.convention, "tool": "sd3ref"}
     with tracing(args.output, meta) as tensors:
@@ -138,7 +138,7 @@ def _bench(repeats=5, calls=20) -> None:
 
     set_dir = verify.GOLDEN / "sd35"
     model = load(str(set_dir / "diffusers"))
-    model = type(model)(model.config, {k: model.weights[k] for k in model.weights})  # decoded once
+    model = type(model)(model.config, dict(model.weights))  # decoded once
     inputs = verify.load_npz(set_dir / "inputs.npz")
 
     def best(traced=False):

@@ -145,7 +145,7 @@ def reference_run(set_name: str, dtype="float64") -> Run:
 
     set_dir = verify.GOLDEN / set_name
     weights, config = load_weights(str(set_dir / "diffusers"))
-    weights = {k: weights[k] for k in weights}  # decoded once: the traps rerun the model many times
+    weights = dict(weights)  # decoded once: the traps rerun the model many times
     inputs = verify.load_npz(set_dir / "inputs.npz")
     keras = verify.load_npz(set_dir / "keras_float32.npz")
     inputs.update({k: v for k, v in keras.items() if k.startswith("tokens/")})
@@ -194,7 +194,7 @@ def effects(set_name: str) -> dict:
     out["eps_pooled"], out["eps_velocity"] = _rel(eps_pooled, pooled), _rel(velocity(base, eps_ctx, eps_pooled), v)
     if _has_t5(base):
         gelu = TRAPS["gelu"].inject(base)
-        out["gelu_t5"] = _rel(gelu.model.t5(ids_t5), m.t5(ids_t5))
+        out["gelu_t5"] = _rel(gelu.model.t5(ids_t5), short)
         out["gelu_velocity"] = _rel(velocity(base, *cond(gelu)), v)
     swapped = TRAPS["shift_scale"].inject(base)
     out["shift_scale_velocity"] = _rel(velocity(swapped, ctx, pooled), v)

@@ -190,7 +190,7 @@ def set_rows(set_dir, runs=RUNS) -> list[dict]:
             weights, config = load_weights(str(set_dir / SOURCE_PATH[source]), config)
             # Read once: the generation stages call the MMDiT dozens of times, and a lazy mapping re-reads
             # (and re-lays-out) every tensor on every access.
-            loaded[source] = {k: weights[k] for k in weights}, config
+            loaded[source] = dict(weights), config
         weights, config = loaded[source]
         ref = load_npz(set_dir / ref_file)
         if "tokens/t5" in ref and "t5/sequence" not in ref:  # diffusers: stored once, inside the context

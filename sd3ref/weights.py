@@ -49,10 +49,6 @@ class Weights(Mapping):
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def component(self, prefix: str) -> dict[str, np.ndarray]:
-        """All tensors under ``prefix`` with the prefix stripped (reads them all)."""
-        return {n[len(prefix):]: self[n] for n in self.shapes if n.startswith(prefix)}
-
 
 class UpcastCache(Mapping):
     """``weights`` with the tensors under ``prefix`` kept upcast to ``dtype`` after their first read, up to

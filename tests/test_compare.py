@@ -45,9 +45,6 @@ def test_each_trap_is_found_and_named(set_name, trap_id):
     v = result["verdict"]
     assert v is not None, "the broken run was not told apart"
     assert (v["first_divergent"], v["cause"]) == (expected_first(trap_id, run.model.config), trap.cause), v
-    # everything before the first divergence agrees
-    before = [r for r in result["rows"] if r["status"] != "missing"]
-    assert all(r["status"] == "ok" for r in before[:[r["name"] for r in before].index(v["first_divergent"])])
 
 
 def test_every_trap_is_exercised():

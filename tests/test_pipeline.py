@@ -16,7 +16,7 @@ STAGES = ("t2i/", "i2i/", "inpaint/")
 
 def _model(source="keras", dtype="float32"):
     weights, config = load_weights(str(SET / source))
-    return Model(config, {k: weights[k] for k in weights}, dtype)
+    return Model(config, dict(weights), dtype)
 
 
 @pytest.fixture(scope="module")

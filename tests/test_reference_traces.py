@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sd3ref import compare, trace, traps, verify
+from sd3ref import compare, trace, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = os.environ.get("SD3REF_GOLDEN_PYTHON")
@@ -63,4 +63,3 @@ def test_keras_against_the_diffusers_form_names_keras_t5_gelu(tmp_root):
     v = compare.compare(framework_trace(tmp_root, "trace_keras", "sd3"),
                         ours("diffusers", "diffusers", "keras_float32.npz", "float64"))["verdict"]
     assert (v["first_divergent"], v["cause"]) == ("t5.layers.0.mlp", "gelu")
-    assert traps.TRAPS["gelu"].cause == v["cause"]
