@@ -72,7 +72,7 @@ def copy_gbps(nbytes=256 << 20, repeat=5, allocations=3) -> float:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set of this process so far (ru_maxrss is KiB on Linux)."""
+    """Peak resident set of this process so far, GiB (ru_maxrss is KiB on Linux); printed as "GB"."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -76,7 +76,7 @@ def attention(scale, repeat, plain_max_tokens=1400):
         flops = 4 * 2 * 24 * L * L * 64
         workers = min(kernels.threads(), 2 * 24)  # one logits block per attention thread
         block = min(L, kernels.ATTENTION_BUDGET // (4 * L))
-        if L <= plain_max_tokens:  # the plain path's (2, 24, L, L) logits are 7.5 GB at 1024×1024
+        if L <= plain_max_tokens:  # the plain path's (2, 24, L, L) logits are 3.5 GiB at 1024×1024
             tp, _ = best_of(lambda: _plain(nn.attention, q, k, v, 0.125), 1)
             plain = f"{tp:.3f} | {tp / t:.1f}×"
         else:

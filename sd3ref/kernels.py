@@ -40,7 +40,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # Reassociation lets LLVM vectorise the reductions; contraction allows FMA. No nnan/ninf: masks use -inf.
 _JIT = dict(cache=True, parallel=True, fastmath={"reassoc", "contract"}, nogil=True)
 
-ATTENTION_BUDGET = 4 << 20  # bytes of logits per block and thread (1-4 MiB measured within 10% at 512×512)
+ATTENTION_BUDGET = 4 << 20  # bytes of logits per block and thread (1-4 MiB within 10% at 512×512, by hand)
 
 
 _LLVM = {types.float64: ir.DoubleType(), types.float32: ir.FloatType(), types.int64: ir.IntType(64),
@@ -71,7 +71,7 @@ _U = np.uint32
 
 @njit(inline="always", fastmath={"contract"})
 def _exp_f64(y):
-    """Within 2 ulp (1.2 measured): degree 13, truncation r¹⁴/14! < 5e-18."""
+    """Within 2 ulp (tested; 1.2 by hand): degree 13, truncation r¹⁴/14! < 5e-18."""
     z = min(max(y, -746.0), 710.0)  # exp is 0 below, inf above
     n = np.floor(z * 1.4426950408889634 + 0.5)
     r = (z - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
@@ -87,7 +87,7 @@ def _exp_f64(y):
 
 @njit(inline="always", fastmath={"contract"})
 def _exp_f32(y):
-    """Within 2 ulp (1.2 measured): degree 7 in float32, truncation r⁸/8! < 6e-9."""
+    """Within 2 ulp (tested; 1.2 by hand): degree 7 in float32, truncation r⁸/8! < 6e-9."""
     z = min(max(y, np.float32(-104.0)), np.float32(89.0))
     n = np.floor(z * np.float32(1.44269504) + np.float32(0.5))  # np.floor keeps float32; math.floor gives int64
     r = (z - n * np.float32(0.693359375)) + n * np.float32(2.12194440e-4)  # hi has 9 significant bits
@@ -135,7 +135,7 @@ def _half_to_float32(h, out):
 
 def upcast(w, dtype):
     """float16 → float32 on all cores, bit-exact (numba has no float16 type; NumPy's cast runs on one core
-    at ~0.7 G values/s, measured 13 ms for one 6144×1536 MMDiT weight against 2.5 ms here): the per-use
+    at ~0.7 G values/s, 13 ms for one 6144×1536 MMDiT weight against 2.5 ms here, by hand): the per-use
     upcast of memory-mapped float16 weights. Other dtype pairs go to NumPy."""
     dtype = np.dtype(dtype)
     if not (isinstance(w, np.ndarray) and w.dtype == np.float16 and dtype == np.float32 and w.size >= 1 << 16):
@@ -215,11 +215,11 @@ def layer_norm_modulate(x, shift, scale, eps):
 def _rms_heads(flat, s0, s1, n, m, w, out, eps):
     """out[i, h] = x[i, h]·rsqrt(mean(x[i, h]²) + eps)·w[h] for x[i, h, j] = flat[i·s0 + h·s1 + j]: the q/k heads
     are read where they lie inside the fused qkv projection, with no contiguous copy first. ``flat`` is a
-    contiguous 1-D span (numba vectorises its unit-stride rows; a strided 3-D array measured 5× slower).
-    Writing back into the span instead (in place) measured 2.6× slower: numba cannot tell LLVM the rows
-    do not overlap, and the loops lose their vectorisation."""
+    contiguous 1-D span (numba vectorises its unit-stride rows; a strided 3-D array was 5× slower).
+    Writing back into the span instead (in place) was 2.6× slower: numba cannot tell LLVM the rows
+    do not overlap, and the loops lose their vectorisation. (All three timed by hand.)"""
     d = w.shape[1]
-    for i in prange(n):  # per token, its heads inside: one prange item per head measured 1.7× slower (median)
+    for i in prange(n):  # per token, its heads inside: one prange item per head: 1.7× slower median, by hand
         for h in range(m):
             row = flat[i * s0 + h * s1:i * s0 + h * s1 + d]  # a slice: unit-stride, no wraparound checks
             v = 0.0
@@ -254,7 +254,7 @@ def _span(x3):
 
 def rms_norm(x, weight=None, eps=1e-6):
     """One pass that reads strided views where they lie: mmdit normalises q and k together, straight from
-    the fused qkv (one call on (B, L, 2, heads, hd) with a (2, 1, hd) weight: two calls measured 2× slower).
+    the fused qkv (one call on (B, L, 2, heads, hd) with a (2, 1, hd) weight: two calls were 2× slower, by hand).
     ``weight`` broadcasts against x's trailing axes; the kernel sees x as (rows, m, last axis), m spanning
     the weight's other axes (at least x's second-to-last)."""
     w = np.ones(x.shape[-1], x.dtype) if weight is None else np.asarray(weight, x.dtype)
@@ -461,7 +461,7 @@ def attention(q, k, v, scale, mask=None, budget=None):
     ``threads()`` Python threads, each running single-threaded BLAS on blocks of at most ``budget`` bytes
     of logits (default ``ATTENTION_BUDGET`` per thread): extra memory O(threads × block × Lk), never the
     full Lq × Lk. A (block, Lk) product with K = head dim is too small for OpenBLAS to split well over
-    threads (106 GFLOP/s on 2 cores at 512×512, against 120 per core for one head per thread). With fewer
+    threads (106 GFLOP/s on 2 cores at 512×512, against 120 per core for one head per thread, by hand). With fewer
     heads than threads (the VAE's single head) the query blocks are shared instead."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
