@@ -7,6 +7,7 @@ parameter totals of the reference notes (sd3_ports_and_layouts.md §2, §6)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -412,6 +413,17 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
     status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors"], capsys)
     assert status == 130 and len(calls) == 5
     no_leftovers(tmp_path, "in.safetensors")
+
+
+def test_outputs_get_the_usual_permissions(tmp_path, capsys):
+    # written through a private temporary file, renamed: the result is as readable as a plain open's
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "out.safetensors"
+        status, _, _ = run_cmd(sai_to_safetensors, [small_sai(tmp_path), "-o", out], capsys)
+        assert status == 0 and out.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
 
 
 # -- number formats -------------------------------------------------------------------------------------
