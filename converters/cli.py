@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -32,19 +33,33 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
                    help="keep each tensor's stored dtype (float8 becomes float16, exactly), or cast all to one")
 
 
-def main(run) -> None:
-    """Run a command; any expected failure becomes one line on stderr and exit status 1."""
+def reported(run, expected=()) -> int:
+    """Run a command and return its exit status: any expected failure (bad files, sizes, paths, and the
+    ``expected`` exception types) becomes one ``error:`` line on stderr and status 1, Ctrl-C status 130; a
+    closed stdout (``... | head``) ends quietly with status 0. Shared by the converters and ``sd3ref``."""
     try:
-        run()
+        status = run() or 0
+        sys.stdout.flush()  # inside the try: a closed pipe shows up at the flush of buffered output
+        return status
+    except BrokenPipeError:  # the reader left; nothing to report, and no second error at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; no output written", file=sys.stderr)
-        sys.exit(130)
-    except (ConversionError, FormatError, ConfigError, FileExistsError) as e:
+        return 130
+    except (ConversionError, FormatError, ConfigError, FileExistsError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
+    except OSError as e:  # includes Pillow's UnidentifiedImageError
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+    return 1
+
+
+def main(run) -> None:
+    """A converter command's entry point: ``reported``, exiting with its status when it is not 0."""
+    status = reported(run)
+    if status:
+        sys.exit(status)
 
 
 class Progress:

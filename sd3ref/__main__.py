@@ -16,30 +16,17 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "golden" / "sd3" / "keras"
 
 
 def _guarded(command, args) -> int:
-    """Expected failures (bad files, sizes, paths) are one line on stderr and exit status 1."""
-    from converters.sources import ConversionError
-    from converters.tensors import FormatError
+    """Expected failures (bad files, sizes, paths) are one line on stderr and exit status 1, as in the
+    converters (``converters.cli.reported``); warnings are one ``warning:`` line each."""
+    from converters.cli import reported
 
-    from .config import ConfigError
     from .pipeline import PipelineError
     from .tokenizers import TokenizerFileError
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-        try:
-            rc = command(args)
-            sys.stdout.flush()  # inside the try: a closed pipe shows up at the flush of buffered output
-            return rc
-        except BrokenPipeError:  # `sd3ref info ... | head`: the reader left; nothing to report
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-            return 0
-        except (ConversionError, FormatError, ConfigError, PipelineError, TokenizerFileError) as e:
-            print(f"error: {e}", file=sys.stderr)
-        except OSError as e:  # includes Pillow's UnidentifiedImageError
-            where = f"{e.filename}: " if e.filename else ""
-            print(f"error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return reported(lambda: command(args), (PipelineError, TokenizerFileError))
 
 
 def _read_image(path, mode, size=None):
@@ -106,7 +93,10 @@ def _generate(args) -> int:
                             steps=args.steps, guidance=args.guidance, rng=np.random.default_rng(args.seed),
                             convention=args.convention, use_t5=use_t5, image=image, mask=mask,
                             strength=args.strength, progress=progress)
-    Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(output, format="PNG")
+    from converters.tensors import atomic_output
+
+    with atomic_output(output, force=True) as tmp:  # never a half-written PNG (Ctrl-C, full disk)
+        Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(tmp, format="PNG")
     print(f"{width}x{height} {model.dtype} {args.convention} -> {output}")
     return 0
 
