@@ -29,6 +29,14 @@ def inputs():
     return verify.load_npz(SET / "inputs.npz")
 
 
+@pytest.fixture(scope="module")
+def token_ids():
+    """KerasHub's token ids of the set: (prompt, negative prompt), each {encoder: (B, L) ids}."""
+    ref = verify.load_npz(SET / "keras_float32.npz")
+    ids = {k: ref[f"tokens/{k}"] for k in ("clip_l", "clip_g", "t5")}
+    return ids, {k: ref[f"neg_tokens/{k}"] for k in ids}
+
+
 @pytest.mark.parametrize("set_name", verify.golden_sets())
 @pytest.mark.parametrize("convention,source,ref_file", [("keras", "keras", "keras_float32.npz"),
                                                         ("diffusers", "diffusers", "diffusers_float32.npz")])
@@ -72,11 +80,8 @@ def test_diffusers_inpaint_decodes_without_the_latent_shift():
     assert with_shift["max_rel"] > 1e-2, with_shift  # the shift is a visible difference, not round-off
 
 
-def test_guidance_at_most_one_skips_the_unconditional_pass(keras32, inputs, monkeypatch):
-    ref = verify.load_npz(SET / "keras_float32.npz")
-    ids = {k: ref[f"tokens/{k}"] for k in ("clip_l", "clip_g", "t5")}
-    neg = {k: ref[f"neg_tokens/{k}"] for k in ids}
-    cond = pipeline.encode_text(keras32, ids, neg, "keras")
+def test_guidance_at_most_one_skips_the_unconditional_pass(keras32, inputs, token_ids, monkeypatch):
+    cond = pipeline.encode_text(keras32, *token_ids, "keras")
     batches = []
     original = Model.mmdit
     monkeypatch.setattr(Model, "mmdit", lambda self, x, *a: batches.append(len(x)) or original(self, x, *a))
@@ -92,11 +97,8 @@ def test_guidance_at_most_one_skips_the_unconditional_pass(keras32, inputs, monk
     assert np.abs(guided - plain).max() > 1e-3
 
 
-def test_cfg_is_neg_plus_g_times_pos_minus_neg(keras32, inputs):
-    ref = verify.load_npz(SET / "keras_float32.npz")
-    ids = {k: ref[f"tokens/{k}"] for k in ("clip_l", "clip_g", "t5")}
-    neg = {k: ref[f"neg_tokens/{k}"] for k in ids}
-    cond = pipeline.encode_text(keras32, ids, neg, "keras")
+def test_cfg_is_neg_plus_g_times_pos_minus_neg(keras32, inputs, token_ids):
+    cond = pipeline.encode_text(keras32, *token_ids, "keras")
     sigmas = pipeline.schedule(keras32, 3)
     x = inputs["t2i/latents"]
     t = np.full(2, sigmas[0] * 1000, np.float32)
@@ -107,10 +109,8 @@ def test_cfg_is_neg_plus_g_times_pos_minus_neg(keras32, inputs):
     assert verify.compare(got, expected, "float32")["status"] == "PASS"
 
 
-def test_inpaint_keeps_the_image_latents_outside_the_mask(keras32, inputs):
-    ref = verify.load_npz(SET / "keras_float32.npz")
-    ids = {k: ref[f"tokens/{k}"] for k in ("clip_l", "clip_g", "t5")}
-    cond = pipeline.encode_text(keras32, ids)
+def test_inpaint_keeps_the_image_latents_outside_the_mask(keras32, inputs, token_ids):
+    cond = pipeline.encode_text(keras32, token_ids[0])
     last = []
     pipeline.inpaint(keras32, cond, inputs["i2i/image"], inputs["inpaint/mask"], inputs["i2i/noise"], 4, 0.6, 1.0,
                      inputs["i2i/vae_eps"], on_step=lambda k, x: last.append(x))
