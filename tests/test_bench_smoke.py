@@ -43,3 +43,10 @@ def test_end_to_end_bench(tmp_path, capsys):
 def test_compile_bench(capsys):
     compile_bench.main([])
     assert "| filled cache (load) |" in capsys.readouterr().out
+
+
+def test_trace_bench(capsys):
+    from bench import trace
+
+    trace.main(["--repeat", "1", "--calls", "1"])
+    assert "tracing off" in capsys.readouterr().out
