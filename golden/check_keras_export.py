@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from golden import keras_side
+from golden import keras_side, make_tokenizers
 from golden import sets as S
 from golden.generate import ROOT, _versions, compare
 
@@ -42,14 +42,11 @@ def check_set(name: str, spec: dict, sd3ref_python: str, tmp: str) -> dict:
     weights_differ = [r.path for r, e in zip(reference.weights, exported.weights)
                       if r.dtype != e.dtype or not np.array_equal(keras.ops.convert_to_numpy(r),
                                                                   keras.ops.convert_to_numpy(e))]
-    tok = {"clip_dir": os.path.join(ROOT, "tokenizers", "clip"),
-           "spiece": os.path.join(ROOT, "tokenizers", "t5", "spiece.model")}
+    tok = make_tokenizers.paths(os.path.join(ROOT, "tokenizers"))
     inputs = dict(np.load(os.path.join(folder, "inputs.npz")))
     outputs = []
     for loaded in (reference, exported):
-        backbone, preprocessor = keras_side.build(spec, tok)
-        for target, source in zip(backbone.weights, loaded.weights):
-            target.assign(keras.ops.cast(source, "float32"))
+        backbone, preprocessor = keras_side.float32_copy(spec, tok, loaded)
         outputs.append(keras_side.run(backbone, preprocessor, spec, inputs))
     same_run = compare(outputs[0], outputs[1])
     vs_golden = compare(dict(np.load(os.path.join(folder, "keras_float32.npz"))), outputs[1])

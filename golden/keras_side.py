@@ -43,6 +43,17 @@ def _clip(spec: dict, name: str, dtype):
         intermediate_activation=spec["act"], intermediate_output_index=-2, max_sequence_length=77, name=name)
 
 
+def float32_copy(spec: dict, tokenizer_paths: dict, stored):
+    """(backbone, preprocessor): a float32 backbone holding ``stored``'s weights (a loaded preset of the same
+    architecture, whose weights come in the same order; `from_preset` keeps the stored 16-bit dtypes as
+    the nested models' compute dtypes, while the golden outputs are KerasHub's float32 computation)."""
+    backbone, preprocessor = build(spec, tokenizer_paths)
+    assert len(stored.weights) == len(backbone.weights)
+    for target, source in zip(backbone.weights, stored.weights):
+        target.assign(keras.ops.cast(source, "float32"))
+    return backbone, preprocessor
+
+
 def build(spec: dict, tokenizer_paths: dict, storage: dict | None = None):
     """Returns (backbone, preprocessor). KerasHub's own conventions are kept: CLIP final LN eps 1e-6,
     T5 with exact GELU (KerasHub's T5 v1.1 default), 77 T5 tokens, 77 zero tokens without T5.

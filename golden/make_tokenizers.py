@@ -111,9 +111,14 @@ def write_t5(out_dir: str) -> None:
         )
 
 
+def paths(root: str) -> dict:
+    """Where ``write_all(root)`` puts the tokenizer files: the CLIP folder and the T5 sentencepiece model."""
+    return {"clip_dir": os.path.join(root, "clip"), "spiece": os.path.join(root, "t5", "spiece.model")}
+
+
 def write_all(root: str) -> dict:
     """Writes tokenizers/clip and tokenizers/t5 under root; returns their paths."""
-    clip_dir, t5_dir = os.path.join(root, "clip"), os.path.join(root, "t5")
-    write_clip(clip_dir)
-    write_t5(t5_dir)
-    return {"clip_dir": clip_dir, "spiece": os.path.join(t5_dir, "spiece.model")}
+    p = paths(root)
+    write_clip(p["clip_dir"])
+    write_t5(os.path.dirname(p["spiece"]))
+    return p

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,16 +24,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from golden import sets as S
 from golden.diffusers_side import float32_pins_lifted, nchw, to_numpy
-
-GOLDEN = Path(__file__).resolve().parent
-
-
-def save(tensors: dict, path, metadata: dict) -> None:
-    """sd3ref's trace format: one metadata key, JSON with the execution order (sd3ref.trace.save)."""
-    from safetensors.numpy import save_file
-
-    meta = {"sd3ref.trace": json.dumps({"order": list(tensors), **{k: str(v) for k, v in metadata.items()}})}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=meta)
+from golden.trace_format import GOLDEN, save
 
 
 class Recorder:

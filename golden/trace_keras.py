@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 
 from golden import keras_side  # noqa: E402  (also: the keras-hub-without-TensorFlow tokenizer workaround)
 from golden import sets as S  # noqa: E402
-from golden.trace_diffusers import GOLDEN, save  # noqa: E402
+from golden import make_tokenizers  # noqa: E402
+from golden.trace_format import GOLDEN, save  # noqa: E402
 
 
 class Recorder:
@@ -41,7 +42,7 @@ class Recorder:
             return
         if name in self.tensors:
             raise KeyError(f"recorded twice: {name}")
-        self.tensors[name] = np.array(keras.ops.convert_to_numpy(value))
+        self.tensors[name] = np.array(keras_side._np(value))
 
     def wrap(self, layer, name, pick=lambda out: out[0] if isinstance(out, (tuple, list)) else out,
              input_name=None):
@@ -120,17 +121,9 @@ def wrap_vae(rec: Recorder, vae) -> None:
 
 
 def float32_backbone(set_name: str):
-    """The preset's weights in a float32 backbone: `from_preset` keeps the stored 16-bit dtypes as compute
-    dtypes of the nested models, while the golden outputs are KerasHub's float32 computation."""
-    tokenizers = GOLDEN / "tokenizers"
-    backbone, preprocessor = keras_side.build(S.SETS[set_name], {"clip_dir": str(tokenizers / "clip"),
-                                                                 "spiece": str(tokenizers / "t5" / "spiece.model")})
+    """The golden preset's weights in a float32 backbone (keras_side.float32_copy)."""
     stored = keras_hub.models.StableDiffusion3Backbone.from_preset(str(GOLDEN / set_name / "keras"))
-    # The same architecture lists its weights in the same order (golden.keras_side.check_preset).
-    assert len(stored.weights) == len(backbone.weights)
-    for v, w in zip(backbone.weights, stored.weights):
-        v.assign(keras.ops.cast(w, "float32"))
-    return backbone, preprocessor
+    return keras_side.float32_copy(S.SETS[set_name], make_tokenizers.paths(str(GOLDEN / "tokenizers")), stored)
 
 
 def run(set_name: str) -> dict:
@@ -144,7 +137,7 @@ def run(set_name: str) -> dict:
     wrap_vae(rec, backbone.vae)
 
     prompts = S.SETS[set_name]["prompts"]
-    tokens = {k: np.asarray(keras.ops.convert_to_numpy(v)).astype(np.int32)
+    tokens = {k: keras_side._np(v).astype(np.int32)
               for k, v in preprocessor.generate_preprocess(prompts).items()}
     if backbone.t5 is not None:
         backbone.t5({"token_ids": tokens["t5"], "padding_mask": np.ones_like(tokens["t5"])}, training=False)
