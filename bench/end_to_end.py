@@ -82,7 +82,7 @@ def child(a):
     from sd3ref import model as model_mod, nn, pipeline
     from sd3ref.weights import load_weights
 
-    stages, steps = [], []
+    stages = []
 
     def stage(name, fn):
         def run(*args, **kw):

@@ -36,13 +36,17 @@ def elementwise(scale, repeat):
     img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
     gw, gb = np.ones(128, np.float32), np.zeros(128, np.float32)
     h2, img2 = h.copy(), img.copy()  # for the in-place cases
+    joint = np.empty_like(qkv)  # the joint attention's q, k, v, as the MMDiT allocates it per block
     cases = [  # name, output, fast, args, plain twin, bytes the op must move at least (reads + writes)
         ("layer_norm_modulate", "fresh", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate,
          2 * x.nbytes),
         ("gelu_tanh", "fresh", kernels.gelu_tanh, (h,), nn.gelu_tanh, 2 * h.nbytes),
         ("gelu_tanh", "in place (MMDiT MLP)", lambda a: kernels.gelu_tanh(a, out=a), (h2,), nn.gelu_tanh, 2 * h.nbytes),
-        ("rms_norm (q and k heads, as the MMDiT calls it)", "fresh", kernels.rms_norm,
+        ("rms_norm (q and k heads of the fused qkv)", "fresh", kernels.rms_norm,
          (qkv[:, :, :2], np.ones((2, 1, 64), np.float32), 1e-6), nn.rms_norm, 2 * (2 * qkv.nbytes // 3)),
+        ("rms_norm (q and k heads of the fused qkv)", "into the joint sequence (MMDiT)",
+         lambda *a: kernels.rms_norm(*a, out=joint[:, :, :2]), (qkv[:, :, :2], np.ones((2, 1, 64), np.float32), 1e-6),
+         nn.rms_norm, 2 * (2 * qkv.nbytes // 3)),
         ("group_norm_silu", "fresh", kernels.group_norm_silu, (img, 32, gw, gb, 1e-6), nn.group_norm_silu,
          3 * img.nbytes),
         ("group_norm_silu", "in place (VAE norm2)", lambda *a: kernels.group_norm_silu(*a, out=a[0]),

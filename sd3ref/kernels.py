@@ -212,68 +212,78 @@ def layer_norm_modulate(x, shift, scale, eps):
 
 
 @njit(**_JIT)
-def _rms_heads(flat, s0, s1, n, m, w, out, eps):
-    """out[i, h] = x[i, h]·rsqrt(mean(x[i, h]²) + eps)·w[h] for x[i, h, j] = flat[i·s0 + h·s1 + j]: the q/k heads
-    are read where they lie inside the fused qkv projection, with no contiguous copy first. ``flat`` is a
-    contiguous 1-D span (numba vectorises its unit-stride rows; a strided 3-D array was 5× slower).
-    Writing back into the span instead (in place) was 2.6× slower: numba cannot tell LLVM the rows
-    do not overlap, and the loops lose their vectorisation. (All three timed by hand.)"""
-    d = w.shape[1]
-    for i in prange(n):  # per token, its heads inside: one prange item per head: 1.7× slower median, by hand
+def _rms_heads(x, xs, out, os, rows, w, eps):
+    """out[b, i, h] = x[b, i, h]·rsqrt(mean(x[b, i, h]²) + eps)·w[h] for the rows of d values that start at
+    b·xs[0] + i·xs[1] + h·xs[2] in the flat span x (likewise ``os`` in ``out``): the MMDiT's q/k heads are
+    read where they lie inside the fused qkv projection and written where the joint attention reads them,
+    with no contiguous copy either side. Flat 1-D spans, because numba vectorises their unit-stride row
+    slices (a strided 3-D array was 5× slower, by hand)."""
+    m, d = w.shape
+    for t in prange(rows[0] * rows[1]):  # per token, its heads inside: per head was 1.7× slower
+        b, i = t // rows[1], t % rows[1]
         for h in range(m):
-            row = flat[i * s0 + h * s1:i * s0 + h * s1 + d]  # a slice: unit-stride, no wraparound checks
+            xo, oo = b * xs[0] + i * xs[1] + h * xs[2], b * os[0] + i * os[1] + h * os[2]
+            row, orow = x[xo:xo + d], out[oo:oo + d]  # slices: unit-stride, no wraparound checks
             v = 0.0
             for j in range(d):
                 v += row[j] * row[j]
             inv = 1.0 / math.sqrt(v / d + eps)
             for j in range(d):
-                out[i, h, j] = row[j] * inv * w[h, j]
+                orow[j] = row[j] * inv * w[h, j]
 
 
-def _as3(x, m):
-    """x as a (rows, m, last axis) view with a unit-stride last axis and non-negative strides, without
-    copying, or None when its strides do not allow one."""
+def _as4(a, shape):
+    """a reshaped to ``shape`` (outer, rows, heads, d) without copying, with a unit-stride last axis and
+    non-negative strides, or None when a's strides do not allow that."""
     try:
-        x3 = np.reshape(x, (-1, m, x.shape[-1]), copy=False)
+        a4 = np.reshape(a, shape, copy=False)
     except ValueError:
         return None
-    if (x3.shape[2] > 1 and x3.strides[2] != x3.itemsize) or min(x3.strides) < 0 \
-            or any(st % x3.itemsize for st in x3.strides):
+    if (a4.shape[3] > 1 and a4.strides[3] != a4.itemsize) or min(a4.strides) < 0 \
+            or any(st % a4.itemsize for st in a4.strides):
         return None
-    return x3
+    return a4
 
 
-def _span(x3):
-    """The contiguous 1-D run of memory from x3's first element to its last (a read-only view), and x3's
-    first two strides in elements."""
-    st = [s // x3.itemsize if n > 1 else 0 for s, n in zip(x3.strides, x3.shape)]
-    size = 1 + sum((n - 1) * s for n, s in zip(x3.shape, st))
-    flat = np.lib.stride_tricks.as_strided(x3, (size,), (x3.itemsize,), writeable=False)
-    return flat, st[0], st[1]
+def _span(a4, writeable):
+    """The contiguous 1-D run of memory from a4's first element to its last, and a4's first three strides in
+    elements (0 along an axis of length 1)."""
+    st = tuple(s // a4.itemsize if n > 1 else 0 for s, n in zip(a4.strides, a4.shape))
+    size = 1 + sum((n - 1) * s for n, s in zip(a4.shape, st))
+    flat = np.lib.stride_tricks.as_strided(a4, (size,), (a4.itemsize,), writeable=writeable)
+    return flat, st[:3]
 
 
-def rms_norm(x, weight=None, eps=1e-6):
-    """One pass that reads strided views where they lie: mmdit normalises q and k together, straight from
-    the fused qkv (one call on (B, L, 2, heads, hd) with a (2, 1, hd) weight: two calls were 2× slower, by hand).
-    ``weight`` broadcasts against x's trailing axes; the kernel sees x as (rows, m, last axis), m spanning
-    the weight's other axes (at least x's second-to-last)."""
+def rms_norm(x, weight=None, eps=1e-6, out=None):
+    """One pass over strided views where they lie: the MMDiT normalises q and k together, straight from the
+    fused qkv (one call on (B, L, 2, heads, hd) with a (2, 1, hd) weight: two calls were 2× slower, by hand),
+    into the joint attention's [context; x] sequence (``out``, any strides; it may be x itself).
+    ``weight`` broadcasts against x's trailing axes; the kernel sees x as (outer, rows, heads, last axis),
+    ``heads`` spanning the weight's other axes (at least x's second-to-last)."""
     w = np.ones(x.shape[-1], x.dtype) if weight is None else np.asarray(weight, x.dtype)
     if np.broadcast_shapes(x.shape, w.shape) != x.shape:
         raise ValueError(f"rms_norm: a weight of shape {w.shape} would enlarge x of shape {x.shape}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"rms_norm: out must be a {x.dtype} array of shape {x.shape}")
+    result = np.empty(x.shape, x.dtype) if out is None else out
     if x.size == 0:
-        return np.empty_like(x)
+        return result
     keep = max(w.ndim, 2)  # trailing axes of x that the weight table spans
-    xk = x.reshape((1,) * (keep - x.ndim) + x.shape) if x.ndim < keep else x
-    tail = xk.shape[-keep:]
+    lead = x.shape[:-keep] if x.ndim > keep else ()
+    tail = ((1,) * keep + x.shape)[-keep:]
     m = int(np.prod(tail[:-1]))
     table = np.ascontiguousarray(np.broadcast_to(w, tail).reshape(m, tail[-1]))
-    x3 = _as3(xk, m)
-    if x3 is None:
-        x3 = _as3(np.ascontiguousarray(xk), m)
-    out = np.empty(x3.shape, x.dtype)
-    flat, s0, s1 = _span(x3)
-    _rms_heads(flat, s0, s1, x3.shape[0], m, table, out, eps)
-    return out.reshape(x.shape)
+    shape = (-1, lead[-1] if lead else 1, m, tail[-1])
+    x4 = _as4(x, shape)
+    if x4 is None:
+        x4 = _as4(np.ascontiguousarray(x), shape)
+    o4 = _as4(result, shape)
+    if o4 is None or (np.may_share_memory(x4, o4) and (x4.ctypes.data, x4.strides) != (o4.ctypes.data, o4.strides)):
+        result[...] = rms_norm(x, weight, eps)  # an out the kernel cannot address, or a partial overlap
+        return result
+    (xf, xs), (of, os) = _span(x4, False), _span(o4, True)
+    _rms_heads(xf, xs, of, os, x4.shape[:2], table, eps)
+    return result
 
 
 _CHUNKS = 64  # row chunks per image for the GroupNorm statistics: parallel work with contiguous rows
@@ -457,41 +467,47 @@ def _blas_single_threaded():
 
 
 def attention(q, k, v, scale, mask=None, budget=None):
-    """Scaled dot-product attention on (B, heads, L, hd). The (head, query block) pairs are shared out among
-    ``threads()`` Python threads, each running single-threaded BLAS on blocks of at most ``budget`` bytes
-    of logits (default ``ATTENTION_BUDGET`` per thread): extra memory O(threads × block × Lk), never the
-    full Lq × Lk. A (block, Lk) product with K = head dim is too small for OpenBLAS to split well over
-    threads (106 GFLOP/s on 2 cores at 512×512, against 120 per core for one head per thread, by hand). With fewer
-    heads than threads (the VAE's single head) the query blocks are shared instead."""
+    """Scaled dot-product attention on (B, heads, L, hd) arrays of any strides: each head is a strided 2-D view
+    that BLAS reads in place (the (B, L, heads, hd) views every caller makes from its projections need no
+    copy). The result is a (B, heads, Lq, hd) view of a (B, Lq, heads, hd) array, so merging the heads back
+    into (B, Lq, heads·hd) is free.
+
+    The (head, query block) pairs are shared out among ``threads()`` Python threads, each running
+    single-threaded BLAS on blocks of at most ``budget`` bytes of logits (default ``ATTENTION_BUDGET`` per
+    thread): extra memory O(threads × block × Lk), never the full Lq × Lk. A (block, Lk) product with K = head
+    dim is too small for OpenBLAS to split well over threads (106 GFLOP/s on 2 cores at 512×512, against 120
+    per core for one head per thread, by hand). With fewer heads than threads (the VAE's single head) the
+    query blocks are shared instead."""
+    q, k, v = (a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a) for a in (q, k, v))
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    q3, k3, v3 = (np.ascontiguousarray(a).reshape(B * H, a.shape[2], a.shape[3]) for a in (q, k, v))
-    out = np.empty((B * H, Lq, v.shape[-1]), q.dtype)
+    out = np.empty((B, Lq, H, v.shape[-1]), q.dtype)
     block = max(1, min(Lq, (budget or ATTENTION_BUDGET) // (Lk * q.dtype.itemsize)))
     fused = mask is None and scale > 0  # the numerators take the row max before scaling
     m4 = None if fused else np.broadcast_to(np.asarray(0 if mask is None else mask, q.dtype), (B, H, Lq, Lk))
+    heads = [(b, h) for b in range(B) for h in range(H)]
     starts = range(0, Lq, block)
-    if B * H >= threads():  # whole heads per thread: balanced, each head's keys read by one thread
-        shares = [[(bh, i) for i in starts] for bh in range(B * H)]
+    if len(heads) >= threads():  # whole heads per thread: balanced, each head's keys read by one thread
+        shares = [[(b, h, i) for i in starts] for b, h in heads]
     else:  # fewer heads than threads (the VAE's single head): the query blocks are shared
-        shares = [[(bh, i)] for bh in range(B * H) for i in starts]
+        shares = [[(b, h, i)] for b, h in heads for i in starts]
     step = max(1, min(threads(), len(shares)))
     one, scaled = q.dtype.type(1), q.dtype.type(scale)
 
     def blocks(first):
         s, inv = np.empty((block, Lk), q.dtype), np.empty(block, q.dtype)
-        for bh, i in (item for share in shares[first::step] for item in share):
+        for b, h, i in (item for share in shares[first::step] for item in share):
             j = min(i + block, Lq)
             sb = s[:j - i]
-            np.matmul(q3[bh, i:j], k3[bh].T, out=sb)
+            np.matmul(q[b, h, i:j], k[b, h].T, out=sb)
             if fused:
                 _softmax_numerators(sb, scaled, inv)
             else:  # the plain order: logits·scale + mask, then softmax
                 sb *= scale
-                sb += m4[bh // H, bh % H, i:j]
+                sb += m4[b, h, i:j]
                 _softmax_numerators(sb, one, inv)
-            ob = out[bh, i:j]
-            np.matmul(sb, v3[bh], out=ob)
+            ob = out[b, i:j, h]
+            np.matmul(sb, v[b, h], out=ob)
             ob *= inv[:j - i, None]
 
     if step == 1:
@@ -500,7 +516,7 @@ def attention(q, k, v, scale, mask=None, budget=None):
         with _blas_single_threaded():
             for f in [_workers(step).submit(blocks, t) for t in range(step)]:
                 f.result()
-    return out.reshape(B, H, Lq, v.shape[-1])
+    return out.transpose(0, 2, 1, 3)
 
 
 def threads() -> int:

@@ -59,25 +59,31 @@ def _modulation(w, c, n, name, chunk_names=CHUNKS):
     return chunks
 
 
-def _qkv(w, attn, x, heads, qk_norm, names):
-    """Projected, optionally RMS-normalised q, k, v, each (B, heads, L, hd), traced under ``names``.
-    The fused qkv features are laid out (3, heads, hd), not (heads, 3, hd)."""
+def _qkv(w, attn, x, heads, qk_norm, names, into=None):
+    """The fused projection as (B, L, 3, heads, hd) — its features are laid out (3, heads, hd), not
+    (heads, 3, hd) — with q and k RMS-normalised per head when ``qk_norm``, written into ``into`` (this
+    stream's rows of the joint sequence) when given. Traced under ``names`` as q, k, v (B, heads, L, hd)."""
     B, L, D = x.shape
     qkv = nn.dense(x, w, attn + ".qkv").reshape(B, L, 3, heads, D // heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, hd)
+    if into is None:
+        into = np.empty_like(qkv) if qk_norm else qkv
     if qk_norm:  # per head, over hd; q and k in one call: their weights stacked (2, 1, hd)
         scales = np.stack([np.asarray(w[attn + ".ln_q.weight"]), np.asarray(w[attn + ".ln_k.weight"])])
-        qk = nn.rms_norm(qkv[:, :, :2], scales[:, None], EPS)  # (B, L, 2, heads, hd)
-        q, k = qk[:, :, 0], qk[:, :, 1]
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    for n, a in zip(names, (q, k, v)):
-        trace.record(n, a)
-    return q, k, v
+        nn.rms_norm(qkv[:, :, :2], scales[:, None], EPS, out=into[:, :, :2])
+        into[:, :, 2] = qkv[:, :, 2]
+    elif into is not qkv:
+        into[...] = qkv
+    for i, n in enumerate(names):
+        trace.record(n, into[:, :, i].transpose(0, 2, 1, 3))
+    return into
 
 
-def _merge_heads(a):
-    B, H, L, hd = a.shape
-    return a.transpose(0, 2, 1, 3).reshape(B, L, H * hd)
+def _attention(qkv):
+    """Self-attention over the sequence of a (B, L, 3, heads, hd) projection → (B, L, heads·hd)."""
+    B, L, _, heads, hd = qkv.shape
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, heads, L, hd) views, no copies
+    a = nn.attention(q, k, v, 1.0 / math.sqrt(hd))
+    return a.transpose(0, 2, 1, 3).reshape(B, L, heads * hd)  # a view of the fast path's output
 
 
 def _mlp_residual(w, x, shift, scale, gate, name):
@@ -95,33 +101,32 @@ def joint_block(w, config: SD3Config, context, x, c, pre_only, dual, name):
     Returns (context or None, x)."""
     heads, qk_norm = config.mmdit_num_heads, config.mmdit_qk_norm is not None
     cw, xw = nn.Scope(w, "context_block."), nn.Scope(w, "x_block.")
-    hd = config.mmdit_head_dim
-    Lc = context.shape[1]
+    B, Lc = context.shape[:2]
+    # The joint attention's sequence [context; x], context first: each stream projects into its rows.
+    qkv = np.empty((B, Lc + x.shape[1], 3, heads, config.mmdit_head_dim), x.dtype)
 
     # Context stream. The last block is "pre-only": 2 chunks (shift, scale) and only qkv.
     cm = _modulation(cw, c, 2 if pre_only else 6, name + ".context")
-    cq, ck, cv = _qkv(cw, "attn", nn.layer_norm_modulate(context, cm[0], cm[1], EPS), heads, qk_norm,
-                      [f"{name}.context.{n}" for n in "qkv"])
+    _qkv(cw, "attn", nn.layer_norm_modulate(context, cm[0], cm[1], EPS), heads, qk_norm,
+         [f"{name}.context.{n}" for n in "qkv"], into=qkv[:, :Lc])
 
     # Image stream. Dual (MMDiT-X) blocks have 9 chunks; attn2 reuses LN(x) with chunks 6..8.
     xm = _modulation(xw, c, 9 if dual else 6, name + ".x")
     x_in = x
-    xq, xk, xv = _qkv(xw, "attn", nn.layer_norm_modulate(x_in, xm[0], xm[1], EPS), heads, qk_norm,
-                      [f"{name}.x.{n}" for n in "qkv"])
+    _qkv(xw, "attn", nn.layer_norm_modulate(x_in, xm[0], xm[1], EPS), heads, qk_norm,
+         [f"{name}.x.{n}" for n in "qkv"], into=qkv[:, Lc:])
 
-    # Joint attention over [context; x] (context first), no mask: zero-padded context tokens take part.
-    a = nn.attention(np.concatenate([cq, xq], 2), np.concatenate([ck, xk], 2), np.concatenate([cv, xv], 2),
-                     1.0 / math.sqrt(hd))
-    a = _merge_heads(a)  # (B, Lc + N, D)
+    # No mask: zero-padded context tokens take part.
+    a = _attention(qkv)  # (B, Lc + N, D)
     ca, xa = a[:, :Lc], a[:, Lc:]
 
     xa = nn.dense(xa, xw, "attn.proj")
     trace.record(name + ".x.attn", xa)
     x = x + xm[2] * xa
     if dual:  # self-attention over image tokens only; residual after attn1, before the MLP
-        q2, k2, v2 = _qkv(xw, "attn2", nn.layer_norm_modulate(x_in, xm[6], xm[7], EPS), heads, qk_norm,
-                          [f"{name}.x.{n}2" for n in "qkv"])
-        a2 = nn.dense(_merge_heads(nn.attention(q2, k2, v2, 1.0 / math.sqrt(hd))), xw, "attn2.proj")
+        qkv2 = _qkv(xw, "attn2", nn.layer_norm_modulate(x_in, xm[6], xm[7], EPS), heads, qk_norm,
+                    [f"{name}.x.{n}2" for n in "qkv"])
+        a2 = nn.dense(_attention(qkv2), xw, "attn2.proj")
         trace.record(name + ".x.attn2", a2)
         x = x + xm[8] * a2
     x = _mlp_residual(xw, x, xm[3], xm[4], xm[5], name + ".x")

@@ -105,12 +105,12 @@ def layer_norm_modulate(x, shift, scale, eps):
     return layer_norm(x, eps=eps) * (1.0 + scale) + shift
 
 
-def rms_norm(x, weight=None, eps=1e-6):
-    """RMSNorm over the last axis: no mean subtraction, no bias."""
+def rms_norm(x, weight=None, eps=1e-6, out=None):
+    """RMSNorm over the last axis: no mean subtraction, no bias. ``out`` may be any view, x itself included."""
     if _kernels:
-        return _kernels.rms_norm(x, weight, eps)
+        return _kernels.rms_norm(x, weight, eps, out)
     y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
-    return y if weight is None else y * np.asarray(weight, x.dtype)
+    return _into(y if weight is None else y * np.asarray(weight, x.dtype), out)
 
 
 def group_norm(x, groups, weight, bias, eps=1e-6):

@@ -79,8 +79,39 @@ def test_rms_norm_on_strided_heads(dtype, b, l, h, d, seed):
     fast, ref = kernels.rms_norm(qkv[:, :, :2], w, 1e-6), nn.rms_norm(qkv[:, :, :2], w, 1e-6)
     close(fast, ref, dtype)
     close(fast[:, :, 1], nn.rms_norm(qkv[:, :, 1], w[1], 1e-6), dtype)  # = k normalised alone
-    # one weight row for both: (B, L, 2) cannot merge into rows of a view, so the kernel reads a copy
+    # one weight row for both: (B, L, 2) rows of (heads, hd)
     close(kernels.rms_norm(qkv[:, :, :2], w[0, 0], 1e-6), nn.rms_norm(qkv[:, :, :2], w[0, 0], 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 3), lc=dims, l=dims, h=st.integers(1, 4), d=dims, seed=seeds)
+def test_rms_norm_into_a_view(dtype, b, lc, l, h, d, seed):
+    # as mmdit calls it: q and k of one stream into its rows of the joint (B, Lc + L, 3, heads, hd) sequence;
+    # in place; into a view that overlaps x partly (k's rows are q's output: the kernel must not read them
+    # after writing); into an array whose strides the kernel cannot address (transposed)
+    rng = np.random.default_rng(seed)
+    qkv = rand(rng, (b, l, 3, h, d), dtype)
+    w = rand(rng, (2, 1, d), dtype)
+    ref = nn.rms_norm(qkv[:, :, :2], w, 1e-6)
+    joint = np.full((b, lc + l, 3, h, d), 7.0, dtype)
+    got = kernels.rms_norm(qkv[:, :, :2], w, 1e-6, out=joint[:, lc:, :2])
+    assert got.base is not None and np.shares_memory(got, joint)
+    close(joint[:, lc:, :2], ref, dtype)
+    assert (joint[:, :lc] == 7).all() and (joint[:, lc:, 2] == 7).all()  # nothing else written
+    own = qkv.copy()
+    kernels.rms_norm(own[:, :, :2], w, 1e-6, out=own[:, :, :2])
+    close(own[:, :, :2], ref, dtype)
+    np.testing.assert_array_equal(own[:, :, 2], qkv[:, :, 2])
+    own = qkv.copy()
+    kernels.rms_norm(own[:, :, :2], w, 1e-6, out=own[:, :, 1:])
+    close(own[:, :, 1:], ref, dtype)
+    x = rand(rng, (l, h, d), dtype)
+    out = np.empty((d, h, l), dtype).T
+    kernels.rms_norm(x, w[0, 0], 1e-6, out=out)
+    close(out, nn.rms_norm(x, w[0, 0], 1e-6), dtype)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.rms_norm(x, w[0, 0], 1e-6, out=np.empty((l, h, d + 1), dtype))
 
 
 def test_rms_norm_weight_must_not_enlarge_x():
@@ -232,6 +263,24 @@ def test_attention(dtype, b, h, lq, lk, hd, mask, budget, scale, seed):
     m = {None: None, "bias": rand(rng, (1, h, lq, lk), dtype),
          "causal": np.triu(np.full((lq, lk), -np.inf, dtype), 1)}[mask]
     close(kernels.attention(q, k, v, scale, m, budget), nn.attention(q, k, v, scale, m), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 5), l=dims, hd=st.integers(1, 9), seed=seeds)
+def test_attention_on_views_of_a_projection(dtype, b, h, l, hd, seed):
+    # q, k, v as every caller passes them: (B, heads, L, hd) views of one (B, L, 3, heads, hd) projection, read in
+    # place; the result merges back to (B, L, heads·hd) as a view
+    rng = np.random.default_rng(seed)
+    qkv = rand(rng, (b, l, 3, h, hd), dtype)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    fast, ref = kernels.attention(q, k, v, 0.4), nn.attention(q, k, v, 0.4)
+    close(fast, ref, dtype)
+    merged = fast.transpose(0, 2, 1, 3).reshape(b, l, h * hd)
+    assert np.shares_memory(merged, fast)
+    close(merged, ref.transpose(0, 2, 1, 3).reshape(b, l, h * hd), dtype)
+    close(kernels.attention(q[..., ::-1], k, v[:, :, ::-1], 0.4), nn.attention(q[..., ::-1], k, v[:, :, ::-1], 0.4),
+          dtype)  # reversed axes: copied first
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

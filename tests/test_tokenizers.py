@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import unicodedata
 from pathlib import Path
 
 import numpy as np
