@@ -219,6 +219,20 @@ def test_upcast_every_float16_exactly():
     assert np.array_equal(kernels.upcast(small, np.float32), small.astype(np.float32), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@SETTINGS
+@given(m=st.integers(0, kernels.FEW_ROWS + 2), k=dims, n=dims, seed=seeds)
+def test_products_with_a_float16_weight(dtype, m, k, n, seed):
+    # few rows: the weight converted row by row inside the product; more rows: upcast whole, then BLAS
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, (m, k), dtype), rand(rng, (n, k), np.float16)
+    ref = x @ w.astype(dtype).T
+    close(kernels.matmul_t(x, w), ref, dtype)
+    wide = np.zeros((n, 2 * k), np.float16)
+    wide[:, ::2] = w
+    close(kernels.matmul_t(x.T.copy().T, wide[:, ::2]), ref, dtype)  # F-order x, a strided weight
+
+
 def test_upcast_from_a_memory_map(tmp_path):
     w = np.random.default_rng(0).standard_normal((300, 700)).astype(np.float16)
     w.tofile(tmp_path / "w.bin")
