@@ -86,12 +86,19 @@ def _attention(qkv):
     return a.transpose(0, 2, 1, 3).reshape(B, L, heads * hd)  # a view of the fast path's output
 
 
+def _gated_residual(x, gate, h):
+    """x + gate·h, computed in h (a fresh layer output the caller drops): the same roundings, no temporaries."""
+    h *= gate
+    h += x
+    return h
+
+
 def _mlp_residual(w, x, shift, scale, gate, name):
     h = nn.layer_norm_modulate(x, shift, scale, EPS)
     h = nn.dense(h, w, "mlp.fc1")  # (B, L, mlp_ratio·D)
     h = nn.dense(nn.gelu_tanh(h, out=h), w, "mlp.fc2")
     trace.record(name + ".mlp", h)
-    x = x + gate * h
+    x = _gated_residual(x, gate, h)
     trace.record(name + ".out", x)
     return x
 
@@ -122,20 +129,20 @@ def joint_block(w, config: SD3Config, context, x, c, pre_only, dual, name):
 
     xa = nn.dense(xa, xw, "attn.proj")
     trace.record(name + ".x.attn", xa)
-    x = x + xm[2] * xa
+    x = _gated_residual(x, xm[2], xa)
     if dual:  # self-attention over image tokens only; residual after attn1, before the MLP
         qkv2 = _qkv(xw, "attn2", nn.layer_norm_modulate(x_in, xm[6], xm[7], EPS), heads, qk_norm,
                     [f"{name}.x.{n}2" for n in "qkv"])
         a2 = nn.dense(_attention(qkv2), xw, "attn2.proj")
         trace.record(name + ".x.attn2", a2)
-        x = x + xm[8] * a2
+        x = _gated_residual(x, xm[8], a2)
     x = _mlp_residual(xw, x, xm[3], xm[4], xm[5], name + ".x")
 
     if pre_only:
         return None, x
     ca = nn.dense(ca, cw, "attn.proj")
     trace.record(name + ".context.attn", ca)
-    context = context + cm[2] * ca
+    context = _gated_residual(context, cm[2], ca)
     return _mlp_residual(cw, context, cm[3], cm[4], cm[5], name + ".context"), x
 
 

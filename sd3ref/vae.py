@@ -32,7 +32,8 @@ def _resnet(w, config, x):
     h = _conv(w, "conv2", _norm_silu(w, "norm2", config, h, out=h), padding=1)  # h is ours: in place
     if "nin_shortcut.weight" in w:  # 1×1 conv where the channel count changes
         x = _conv(w, "nin_shortcut", x)
-    return x + h
+    h += x  # the residual into h (ours): no third full-resolution array alive
+    return h
 
 
 def _attention(w, config, x):
@@ -41,7 +42,9 @@ def _attention(w, config, x):
     h = _norm(w, "norm", config, x)
     q, k, v = (_conv(w, n, h).reshape(B, 1, H * W, C) for n in "qkv")
     a = nn.attention(q, k, v, 1.0 / math.sqrt(C)).reshape(B, H, W, C)
-    return x + _conv(w, "proj_out", a)
+    a = _conv(w, "proj_out", a)
+    a += x
+    return a
 
 
 def _mid(w, config, x, name):
