@@ -145,21 +145,33 @@ def upcast(w, dtype):
     return out
 
 
-FEW_ROWS = 8  # at most this many rows against a float16 weight: the weight is converted inside the product
+FEW_ROWS = 8  # products with at most this many rows read each weight row once, in numba
+
+
+def _weight(w, n, k):
+    """w[n, k] as a number (numba kernels only): float16 weights arrive as their uint16 bits."""
+    raise TypeError("sd3ref.kernels._weight runs inside numba kernels only")
+
+
+@overload(_weight, inline="always")
+def _weight_for(w, n, k):
+    if w.dtype == types.uint16:
+        return lambda w, n, k: _half_to_single(_U(w[n, k]))
+    return lambda w, n, k: w[n, k]
 
 
 @njit(**_JIT)
-def _few_rows_half(x, bits, out):
-    """out[m, n] = Σ_k x[m, k]·w[n, k] for the float16 weight whose bits are ``bits`` (N, K): each weight row
-    is read once, converted in x's dtype (exactly) into a per-thread buffer and used for every row of x."""
+def _few_rows(x, w, out):
+    """out[m, n] = Σ_k x[m, k]·w[n, k]: each weight row is read once, converted to x's dtype (exactly) into a
+    per-thread buffer and used for every row of x. ``w`` is float32 / float64, or float16 as uint16 bits."""
     M, K = x.shape
-    N = bits.shape[0]
+    N = w.shape[0]
     chunk = 64
     for c in prange((N + chunk - 1) // chunk):
         row = np.empty(K, x.dtype)
         for n in range(c * chunk, min(N, (c + 1) * chunk)):
             for k in range(K):
-                row[k] = _half_to_single(_U(bits[n, k]))
+                row[k] = _weight(w, n, k)
             for m in range(M):
                 acc = x.dtype.type(0)
                 for k in range(K):
@@ -168,14 +180,18 @@ def _few_rows_half(x, bits, out):
 
 
 def matmul_t(x, w):
-    """x (M, K) @ w.T for a torch-layout weight w (N, K) in any stored dtype. A float16 weight against at most
-    ``FEW_ROWS`` rows (the MMDiT's adaLN modulations: one row per batch item) is converted inside the
-    product, one row at a time: upcasting the whole weight first and calling BLAS took 3-4× longer (8.3
-    against 2.1 ms for a 9216×1536 weight and 2 rows, by hand). Otherwise the weight is upcast (all cores)
-    and BLAS runs."""
-    if w.dtype == np.float16 and x.shape[0] <= FEW_ROWS and x.dtype in (np.float32, np.float64) and w.size:
+    """x (M, K) @ w.T for a torch-layout weight w (N, K) in its stored dtype. With 2 to ``FEW_ROWS`` rows (the
+    MMDiT's adaLN modulations: one row per batch item), OpenBLAS runs a blocked product that reads the
+    weight several times (3.8 ms for 2 rows and a 9216×1536 float32 weight, against 1.3-1.9 ms here); with
+    a float16 weight, upcasting it whole first costs more than the product (8.3 against 2.1-2.9 ms). Those
+    go to ``_few_rows``; the rest (one row against a float32 weight is a BLAS gemv) to BLAS, the weight
+    upcast on all cores first. All timings by hand."""
+    few = x.shape[0] <= FEW_ROWS and (x.shape[0] >= 2 or w.dtype == np.float16)
+    if few and w.dtype in (np.float16, np.float32, np.float64) and x.dtype in (np.float32, np.float64) \
+            and np.result_type(w.dtype, x.dtype) == x.dtype:
         out = np.empty((x.shape[0], w.shape[0]), x.dtype)
-        _few_rows_half(np.ascontiguousarray(x), np.ascontiguousarray(w).view(np.uint16), out)
+        w = np.ascontiguousarray(w)
+        _few_rows(np.ascontiguousarray(x), w.view(np.uint16) if w.dtype == np.float16 else w, out)
         return out
     return x @ upcast(w, x.dtype).T
 

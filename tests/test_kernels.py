@@ -221,14 +221,15 @@ def test_upcast_every_float16_exactly():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @SETTINGS
-@given(m=st.integers(0, kernels.FEW_ROWS + 2), k=dims, n=dims, seed=seeds)
-def test_products_with_a_float16_weight(dtype, m, k, n, seed):
-    # few rows: the weight converted row by row inside the product; more rows: upcast whole, then BLAS
+@given(m=st.integers(0, kernels.FEW_ROWS + 2), k=dims, n=dims, stored=st.sampled_from(DTYPES + [np.float16]),
+       seed=seeds)
+def test_products_with_stored_weights(dtype, m, k, n, stored, seed):
+    # few rows: each weight row read (and converted) once inside the product; more rows: upcast, then BLAS
     rng = np.random.default_rng(seed)
-    x, w = rand(rng, (m, k), dtype), rand(rng, (n, k), np.float16)
-    ref = x @ w.astype(dtype).T
+    x, w = rand(rng, (m, k), dtype), rand(rng, (n, k), stored)
+    ref = x @ w.astype(dtype).T  # the compute dtype is the activation's, as nn.linear's plain form
     close(kernels.matmul_t(x, w), ref, dtype)
-    wide = np.zeros((n, 2 * k), np.float16)
+    wide = np.zeros((n, 2 * k), stored)
     wide[:, ::2] = w
     close(kernels.matmul_t(x.T.copy().T, wide[:, ::2]), ref, dtype)  # F-order x, a strided weight
 
