@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numba
 import numpy as np
@@ -133,16 +134,36 @@ def _half_to_float32(h, out):
         out[i] = _half_to_single(_U(h[i]))
 
 
-def upcast(w, dtype):
+def upcast(w, dtype, out=None):
     """float16 → float32 on all cores, bit-exact (numba has no float16 type; NumPy's cast runs on one core
     at ~0.7 G values/s, 13 ms for one 6144×1536 MMDiT weight against 2.5 ms here, by hand): the per-use
-    upcast of memory-mapped float16 weights. Other dtype pairs go to NumPy."""
+    upcast of memory-mapped float16 weights, into ``out`` (a float32 array of w's size) when given. Other
+    dtype pairs go to NumPy."""
     dtype = np.dtype(dtype)
     if not (isinstance(w, np.ndarray) and w.dtype == np.float16 and dtype == np.float32 and w.size >= 1 << 16):
         return np.asarray(w, dtype)
-    out = np.empty(w.shape, np.float32)
+    out = np.empty(w.shape, np.float32) if out is None else out.reshape(w.shape)
     _half_to_float32(np.ascontiguousarray(w).reshape(-1).view(np.uint16), out.reshape(-1))
     return out
+
+
+SCRATCH_LIMIT = 128 << 20  # bytes: the largest per-thread buffer kept for weights upcast for one product
+_scratch = threading.local()
+
+
+def _upcast_for_product(w, dtype):
+    """w in the compute dtype for one product. A float16 weight is upcast into a buffer this thread keeps
+    (at most ``SCRATCH_LIMIT`` bytes; SD3.5-large's largest MMDiT weight is 95 MB): a fresh float32 array of
+    that size comes from a fresh mmap whose pages the kernel zero-fills on first touch, which took as long
+    as the upcast itself (one pass over SD3-medium's MMDiT: 1.5-1.9 s fresh against 0.8 s into the kept
+    buffer, by hand). The result is valid until this thread's next call."""
+    nbytes = w.size * np.dtype(dtype).itemsize
+    if w.dtype != np.float16 or np.dtype(dtype) != np.float32 or nbytes > SCRATCH_LIMIT:
+        return upcast(w, dtype)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < w.size:
+        buf = _scratch.buf = np.empty(w.size, np.float32)
+    return upcast(w, dtype, out=buf[:w.size])
 
 
 FEW_ROWS = 8  # products with at most this many rows read each weight row once, in numba
@@ -184,8 +205,8 @@ def matmul_t(x, w):
     MMDiT's adaLN modulations: one row per batch item), OpenBLAS runs a blocked product that reads the
     weight several times (3.8 ms for 2 rows and a 9216×1536 float32 weight, against 1.3-1.9 ms here); with
     a float16 weight, upcasting it whole first costs more than the product (8.3 against 2.1-2.9 ms). Those
-    go to ``_few_rows``; the rest (one row against a float32 weight is a BLAS gemv) to BLAS, the weight
-    upcast on all cores first. All timings by hand."""
+    go to ``_few_rows``; the rest (one row against a float32 weight is a BLAS gemv) to BLAS, a float16
+    weight upcast on all cores into a reused buffer first. All timings by hand."""
     few = x.shape[0] <= FEW_ROWS and (x.shape[0] >= 2 or w.dtype == np.float16)
     if few and w.dtype in (np.float16, np.float32, np.float64) and x.dtype in (np.float32, np.float64) \
             and np.result_type(w.dtype, x.dtype) == x.dtype:
@@ -193,7 +214,7 @@ def matmul_t(x, w):
         w = np.ascontiguousarray(w)
         _few_rows(np.ascontiguousarray(x), w.view(np.uint16) if w.dtype == np.float16 else w, out)
         return out
-    return x @ upcast(w, x.dtype).T
+    return x @ _upcast_for_product(w, x.dtype).T
 
 
 @njit(**_JIT)

@@ -234,6 +234,24 @@ def test_products_with_stored_weights(dtype, m, k, n, stored, seed):
     close(kernels.matmul_t(x.T.copy().T, wide[:, ::2]), ref, dtype)  # F-order x, a strided weight
 
 
+def test_products_reuse_the_upcast_buffer():
+    # float16 weights large enough for the parallel upcast go through one per-thread buffer: a smaller weight after
+    # a larger one, a larger one after (the buffer grows), each product right; above the limit, a fresh array
+    rng = np.random.default_rng(0)
+    x = rand(rng, (kernels.FEW_ROWS + 5, 300), np.float32)
+    for n in (400, 250, 900):
+        w = rand(rng, (n, 300), np.float16)
+        close(kernels.matmul_t(x, w), x @ w.astype(np.float32).T, np.float32)
+    saved = kernels.SCRATCH_LIMIT
+    kernels.SCRATCH_LIMIT = 1000
+    try:
+        kept = kernels._scratch.buf
+        close(kernels.matmul_t(x, w), x @ w.astype(np.float32).T, np.float32)
+        assert kernels._scratch.buf is kept
+    finally:
+        kernels.SCRATCH_LIMIT = saved
+
+
 def test_upcast_from_a_memory_map(tmp_path):
     w = np.random.default_rng(0).standard_normal((300, 700)).astype(np.float16)
     w.tofile(tmp_path / "w.bin")
