@@ -49,6 +49,8 @@ def first_calls() -> float:
     kernels.attention(f(1, 2, 5, 4), f(1, 2, 6, 4), f(1, 2, 6, 4), 0.5, f(1, 2, 5, 6))
     kernels.conv2d(img, f(3, 8, 3, 3), f(3), 1, 1, 2)
     kernels.upcast(f(300, 300).astype(np.float16), np.float32)
+    kernels.matmul_t(f(2, 8), f(5, 8))
+    kernels.matmul_t(f(2, 8), f(5, 8).astype(np.float16))
     return time.perf_counter() - t
 
 
