@@ -35,6 +35,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from converters.tensors import BF16, to_float32
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
@@ -134,16 +136,25 @@ def _half_to_float32(h, out):
         out[i] = _half_to_single(_U(h[i]))
 
 
+@njit(**_JIT)
+def _bfloat16_to_float32(h, out):
+    for i in prange(h.size):
+        out[i] = _float32_from_bits(_U(h[i]) << _U(16))  # bfloat16 is float32's upper half
+
+
 def upcast(w, dtype, out=None):
-    """float16 → float32 on all cores, bit-exact (numba has no float16 type; NumPy's cast runs on one core
-    at ~0.7 G values/s, 13 ms for one 6144×1536 MMDiT weight against 2.5 ms here, by hand): the per-use
-    upcast of memory-mapped float16 weights, into ``out`` (a float32 array of w's size) when given. Other
+    """float16 or bfloat16 (``converters.tensors.BF16``, undecoded) → float32 on all cores, bit-exact (numba
+    has no float16 type; NumPy's cast runs on one core at ~0.7 G values/s, 13 ms for one 6144×1536 MMDiT
+    weight against 2.5 ms here; the NumPy bfloat16 decode takes two passes, 7.0 ms; by hand): the per-use
+    upcast of memory-mapped 16-bit weights, into ``out`` (a float32 array of w's size) when given. Other
     dtype pairs go to NumPy."""
     dtype = np.dtype(dtype)
-    if not (isinstance(w, np.ndarray) and w.dtype == np.float16 and dtype == np.float32 and w.size >= 1 << 16):
-        return np.asarray(w, dtype)
+    if not (isinstance(w, np.ndarray) and w.dtype in (np.float16, BF16) and dtype == np.float32
+            and w.size >= 1 << 16):
+        return np.asarray(to_float32(w), dtype)
     out = np.empty(w.shape, np.float32) if out is None else out.reshape(w.shape)
-    _half_to_float32(np.ascontiguousarray(w).reshape(-1).view(np.uint16), out.reshape(-1))
+    convert = _half_to_float32 if w.dtype == np.float16 else _bfloat16_to_float32
+    convert(np.ascontiguousarray(w).reshape(-1).view(np.uint16), out.reshape(-1))
     return out
 
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import numpy as np
 from scipy.special import erf, expit
 
+from converters.tensors import to_float32
+
 _kernels = None  # the sd3ref.kernels module while the fast paths are on
 
 
@@ -54,10 +56,10 @@ class Scope(Mapping):
 
 
 def upcast(w, dtype):
-    """A stored weight (float16, float32, memory-mapped or not) in the compute dtype."""
+    """A stored weight (float16, float32, undecoded bfloat16, memory-mapped or not) in the compute dtype."""
     if _kernels:
         return _kernels.upcast(w, dtype)
-    return np.asarray(w, dtype)
+    return np.asarray(to_float32(w), dtype)
 
 
 def linear(x, w, b=None):

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from converters.sources import ConversionError, Plan, open_source
-from converters.tensors import to_float32
+from converters.tensors import BF16, to_float32
 
 from . import nn
 from .config import SD3Config
@@ -36,7 +36,8 @@ class Weights(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(name)
-        return to_float32(self.plan.read(name))
+        a = self.plan.read(name)
+        return nn.upcast(a, np.float32) if a.dtype == BF16 else to_float32(a)  # bfloat16 on all cores
 
     def __contains__(self, name) -> bool:
         # Mapping's default would read (and decode) the tensor just to answer: `"x.bias" in weights`

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from converters.tensors import BF16, to_float32
 from sd3ref import kernels, nn, verify
 
 DTYPES = [np.float32, np.float64]
@@ -232,6 +233,21 @@ def test_products_with_stored_weights(dtype, m, k, n, stored, seed):
     wide = np.zeros((n, 2 * k), stored)
     wide[:, ::2] = w
     close(kernels.matmul_t(x.T.copy().T, wide[:, ::2]), ref, dtype)  # F-order x, a strided weight
+
+
+def test_upcast_every_bfloat16_exactly():
+    # bfloat16 arrives undecoded (converters.tensors.BF16): all 65,536 patterns bit for bit against the converters'
+    # decoder, on the fast path and the plain one; below the parallel size, the decoder itself
+    every = np.arange(1 << 16, dtype=np.uint16).view(BF16).reshape(256, 256)
+    ref = to_float32(every).view(np.uint32)
+    for w in (every, every.T):
+        up = kernels.upcast(w, np.float32)
+        assert up.shape == w.shape and up.dtype == np.float32
+        assert np.array_equal(up.view(np.uint32), to_float32(w).view(np.uint32))
+    assert np.array_equal(nn.upcast(every, np.float32).view(np.uint32), ref)  # the plain twin (module fixture)
+    assert np.array_equal(kernels.upcast(every[:2, :3], np.float32).view(np.uint32), ref[:2, :3])
+    with np.errstate(invalid="ignore"):  # signalling NaN patterns, cast by NumPy
+        assert kernels.upcast(every, np.float64).dtype == np.float64
 
 
 def test_products_reuse_the_upcast_buffer():
