@@ -66,7 +66,7 @@ def linear(x, w, b=None):
     """``x @ w.T + b`` with a torch-layout weight ``w`` of shape (out, in)."""
     # One 2-D product: NumPy runs (B, L, in) @ (in, out) as B separate products, 2.5× slower (by hand).
     x2 = x.reshape(-1, x.shape[-1])
-    y = (_kernels.matmul_t(x2, w) if _kernels else x2 @ np.asarray(w, x.dtype).T).reshape(*x.shape[:-1], -1)
+    y = (_kernels.matmul_t(x2, w) if _kernels else x2 @ upcast(w, x.dtype).T).reshape(*x.shape[:-1], -1)
     if b is not None:
         y += np.asarray(b, x.dtype)  # in place: y is ours, a second (B, L, out) array would be one more pass
     return y
