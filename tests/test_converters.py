@@ -218,6 +218,13 @@ def test_sai_separate_encoder_files_extras_and_float8(prefixed, tmp_path, capsys
             assert same_bits(got[n], sai[n]), n
 
 
+@pytest.mark.parametrize("form", ["diffusers", "keras"])
+def test_separate_encoder_files_only_go_with_a_single_file(form):
+    from converters.sources import ConversionError
+    with pytest.raises(ConversionError, match="Stability single file"):
+        open_source(GOLDEN / SETS[0] / form, encoders={"t5": GOLDEN / SETS[0] / "sai.safetensors"})
+
+
 def cast_f8(a: np.ndarray) -> np.ndarray:
     """Nearest float8-e4m3fn by table search (test-side, independent of the decoder's direction)."""
     table = to_float32(np.arange(256, dtype=np.uint8).view(F8_E4M3))
