@@ -46,7 +46,7 @@ _JIT = dict(cache=True, parallel=True, fastmath={"reassoc", "contract"}, nogil=T
 ATTENTION_BUDGET = 4 << 20  # bytes of logits per block and thread (1-4 MiB within 10% at 512×512, by hand)
 
 
-_LLVM = {types.float64: ir.DoubleType(), types.float32: ir.FloatType(), types.int64: ir.IntType(64),
+_LLVM = {types.float64: ir.DoubleType(), types.float32: ir.FloatType(),
          types.uint32: ir.IntType(32)}
 
 
@@ -142,15 +142,16 @@ def _bfloat16_to_float32(h, out):
         out[i] = _float32_from_bits(_U(h[i]) << _U(16))  # bfloat16 is float32's upper half
 
 
+PARALLEL_UPCAST = 1 << 16  # values: smaller 16-bit weights go to NumPy (a parallel launch is not worth it)
+
+
 def upcast(w, dtype, out=None):
     """float16 or bfloat16 (``converters.tensors.BF16``, undecoded) → float32 on all cores, bit-exact: the
     per-use upcast of memory-mapped 16-bit weights, into ``out`` (a float32 array of w's size) when given.
     numba has no float16 type; NumPy's cast runs on one core at ~0.7 G values/s (13 ms for one 6144×1536
     MMDiT weight against 2.5 ms here) and its bfloat16 decode takes two passes (7.0-7.5 against 3.5-3.8 ms),
-    by hand. Other dtype pairs go to NumPy."""
-    dtype = np.dtype(dtype)
-    if not (isinstance(w, np.ndarray) and w.dtype in (np.float16, BF16) and dtype == np.float32
-            and w.size >= 1 << 16):
+    by hand. Other dtype pairs, and weights under ``PARALLEL_UPCAST`` values, go to NumPy (``out`` unused)."""
+    if not _upcast_here(w, dtype):
         return np.asarray(to_float32(w), dtype)
     out = np.empty(w.shape, np.float32) if out is None else out.reshape(w.shape)
     convert = _half_to_float32 if w.dtype == np.float16 else _bfloat16_to_float32
@@ -158,18 +159,22 @@ def upcast(w, dtype, out=None):
     return out
 
 
+def _upcast_here(w, dtype):
+    return (isinstance(w, np.ndarray) and w.dtype in (np.float16, BF16) and np.dtype(dtype) == np.float32
+            and w.size >= PARALLEL_UPCAST)
+
+
 SCRATCH_LIMIT = 128 << 20  # bytes: the largest per-thread buffer kept for weights upcast for one product
 _scratch = threading.local()
 
 
 def _upcast_for_product(w, dtype):
-    """w in the compute dtype for one product. A float16 weight is upcast into a buffer this thread keeps
-    (at most ``SCRATCH_LIMIT`` bytes; SD3.5-large's largest MMDiT weight is 95 MB): a fresh float32 array of
-    that size comes from a fresh mmap whose pages the kernel zero-fills on first touch, which took as long
-    as the upcast itself (one pass over SD3-medium's MMDiT: 1.5-1.9 s fresh against 0.8 s into the kept
-    buffer, by hand). The result is valid until this thread's next call."""
-    nbytes = w.size * np.dtype(dtype).itemsize
-    if w.dtype != np.float16 or np.dtype(dtype) != np.float32 or nbytes > SCRATCH_LIMIT:
+    """w in the compute dtype for one product. A 16-bit weight that ``upcast`` converts goes into a buffer this
+    thread keeps (at most ``SCRATCH_LIMIT`` bytes; the largest MMDiT weight BLAS gets, SD3.5-large's MLP, is
+    95 MB in float32): a fresh float32 array that size comes from a fresh mmap whose pages the kernel
+    zero-fills on first touch (MMDiT from float16, one forward: 9.0 → 8.4 s at 256², 20.2-21.1 → 19.7 s at
+    512², by hand). The result is valid until this thread's next call."""
+    if not _upcast_here(w, dtype) or w.size * 4 > SCRATCH_LIMIT:
         return upcast(w, dtype)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.size < w.size:
@@ -229,18 +234,16 @@ def matmul_t(x, w):
 
 
 @njit(**_JIT)
-def _norm_rows(x, mul, add, out, eps, centre, per):
-    """out[r] = (x[r] - mean)·rsqrt(var + eps)·mul[g] + add[g], g = r // per; RMS (mean = 0) unless ``centre``.
+def _norm_rows(x, mul, add, out, eps, per):
+    """out[r] = (x[r] - mean)·rsqrt(var + eps)·mul[g] + add[g], g = r // per (LayerNorm).
     Statistics in float64; the centred second pass keeps float64 inputs exact to rounding."""
     n, d = x.shape
     for r in prange(n):
         g = r // per
-        mu = 0.0
-        if centre:
-            s = 0.0
-            for j in range(d):
-                s += x[r, j]
-            mu = s / d
+        s = 0.0
+        for j in range(d):
+            s += x[r, j]
+        mu = s / d
         v = 0.0
         for j in range(d):
             c = x[r, j] - mu
@@ -270,7 +273,7 @@ def _table(a, x, fill):
     return np.ascontiguousarray(np.broadcast_to(a, x.shape).reshape(-1, n))
 
 
-def _norm(x, mul, add, eps, centre):
+def _norm(x, mul, add, eps):
     if x.size == 0:
         return np.empty_like(x)
     xr = _rows(x)
@@ -281,17 +284,17 @@ def _norm(x, mul, add, eps, centre):
         mul = np.repeat(mul, add.shape[0] // mul.shape[0], axis=0)
     elif add.shape[0] < mul.shape[0]:
         add = np.repeat(add, mul.shape[0] // add.shape[0], axis=0)
-    _norm_rows(xr, mul, add, out, eps, centre, max(1, xr.shape[0] // mul.shape[0]))
+    _norm_rows(xr, mul, add, out, eps, max(1, xr.shape[0] // mul.shape[0]))
     return out.reshape(x.shape)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    return _norm(x, weight, bias, eps, True)
+    return _norm(x, weight, bias, eps)
 
 
 def layer_norm_modulate(x, shift, scale, eps):
     """x (B, L, D), shift and scale (B, 1, D)."""
-    return _norm(x, 1.0 + np.asarray(scale, x.dtype), shift, eps, True)
+    return _norm(x, 1.0 + np.asarray(scale, x.dtype), shift, eps)
 
 
 @njit(**_JIT)
@@ -346,12 +349,14 @@ def rms_norm(x, weight=None, eps=1e-6, out=None):
     w = np.ones(x.shape[-1], x.dtype) if weight is None else np.asarray(weight, x.dtype)
     if np.broadcast_shapes(x.shape, w.shape) != x.shape:
         raise ValueError(f"rms_norm: a weight of shape {w.shape} would enlarge x of shape {x.shape}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
-        raise ValueError(f"rms_norm: out must be a {x.dtype} array of shape {x.shape}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.flags.writeable):
+        raise ValueError(f"rms_norm: out must be a writeable {x.dtype} array of shape {x.shape}")
     result = np.empty(x.shape, x.dtype) if out is None else out
     if x.size == 0:
         return result
-    keep = max(w.ndim, 2)  # trailing axes of x that the weight table spans
+    # trailing axes of x the weight table spans: short rows (the MMDiT's 64-wide heads) go per token, their
+    # heads inside one work item (one item per head was 1.7× slower, by hand); long rows (T5's 4096) are items
+    keep = max(w.ndim, 2 if x.shape[-1] < 256 else 1)
     lead = x.shape[:-keep] if x.ndim > keep else ()
     tail = ((1,) * keep + x.shape)[-keep:]
     m = int(np.prod(tail[:-1]))
@@ -459,8 +464,10 @@ def _output(x, out):
 def _group_norm(x, groups, weight, bias, eps, silu, out=None):
     """Two reads of x, the minimum for a norm whose statistics span the whole image: the statistics, then
     one pass that normalises (and applies SiLU) into the output."""
-    x3, m, a, d = _group_tables(x, groups, weight, bias, eps)
     out = _output(x, out)
+    if x.size == 0:
+        return out
+    x3, m, a, d = _group_tables(x, groups, weight, bias, eps)
     _channel_affine(x3, m, a, d, out.reshape(x3.shape), silu)
     return out
 
@@ -532,11 +539,12 @@ _POOL = None  # the attention's worker threads, created on first use
 _BLAS = None  # threadpoolctl's view of the BLAS libraries
 
 
-def _workers(n):
+def _workers():
+    """The attention's thread pool: as many threads as numba may use (``threads()`` never exceeds it)."""
     global _POOL
-    if _POOL is None or _POOL._max_workers < n:
+    if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(n, thread_name_prefix="sd3ref-attention")
+        _POOL = ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="sd3ref-attention")
     return _POOL
 
 
@@ -567,7 +575,7 @@ def attention(q, k, v, scale, mask=None, budget=None):
     out = np.empty((B, Lq, H, v.shape[-1]), q.dtype)
     block = max(1, min(Lq, (budget or ATTENTION_BUDGET) // (Lk * q.dtype.itemsize)))
     fused = mask is None and scale > 0  # the numerators take the row max before scaling
-    m4 = None if fused else np.broadcast_to(np.asarray(0 if mask is None else mask, q.dtype), (B, H, Lq, Lk))
+    m4 = None if mask is None else np.broadcast_to(np.asarray(mask, q.dtype), (B, H, Lq, Lk))
     heads = [(b, h) for b in range(B) for h in range(H)]
     starts = range(0, Lq, block)
     if len(heads) >= threads():  # whole heads per thread: balanced, each head's keys read by one thread
@@ -587,7 +595,8 @@ def attention(q, k, v, scale, mask=None, budget=None):
                 _softmax_numerators(sb, scaled, inv)
             else:  # the plain order: logits·scale + mask, then softmax
                 sb *= scale
-                sb += m4[b, h, i:j]
+                if m4 is not None:
+                    sb += m4[b, h, i:j]
                 _softmax_numerators(sb, one, inv)
             ob = out[b, i:j, h]
             np.matmul(sb, v[b, h], out=ob)
@@ -597,7 +606,7 @@ def attention(q, k, v, scale, mask=None, budget=None):
         blocks(0)
     else:
         with _blas_single_threaded():
-            for f in [_workers(step).submit(blocks, t) for t in range(step)]:
+            for f in [_workers().submit(blocks, t) for t in range(step)]:
                 f.result()
     return out.transpose(0, 2, 1, 3)
 

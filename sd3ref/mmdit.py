@@ -65,14 +65,13 @@ def _qkv(w, attn, x, heads, qk_norm, names, into=None):
     stream's rows of the joint sequence) when given. Traced under ``names`` as q, k, v (B, heads, L, hd)."""
     B, L, D = x.shape
     qkv = nn.dense(x, w, attn + ".qkv").reshape(B, L, 3, heads, D // heads)
-    if into is None:
-        into = np.empty_like(qkv) if qk_norm else qkv
+    into = qkv if into is None else into
     if qk_norm:  # per head, over hd; q and k in one call: their weights stacked (2, 1, hd)
         scales = np.stack([np.asarray(w[attn + ".ln_q.weight"]), np.asarray(w[attn + ".ln_k.weight"])])
-        nn.rms_norm(qkv[:, :, :2], scales[:, None], EPS, out=into[:, :, :2])
-        into[:, :, 2] = qkv[:, :, 2]
-    elif into is not qkv:
-        into[...] = qkv
+        nn.rms_norm(qkv[:, :, :2], scales[:, None], EPS, out=into[:, :, :2])  # in place when into is qkv
+    if into is not qkv:  # v (and, without qk-norm, q and k) into this stream's rows
+        rest = slice(2, 3) if qk_norm else slice(None)
+        into[:, :, rest] = qkv[:, :, rest]
     for i, n in enumerate(names):
         trace.record(n, into[:, :, i].transpose(0, 2, 1, 3))
     return into

@@ -3,7 +3,7 @@
 Components call ``record(name, array)`` at every point a porter may want to compare. It returns at once
 unless a ``tracing()`` context is active — one global read, no copy, no conversion — so a run without
 tracing costs nothing measurable: ``tests/test_trace.py`` checks that ``record`` does not touch its
-argument when off, ``python -m sd3ref.trace`` times an MMDiT forward with ``record`` as it is and as a
+argument when off, ``python -m bench.trace`` times an MMDiT forward with ``record`` as it is and as a
 no-op function (the name strings built at the call sites are included in both).
 
     with sd3ref.trace.tracing("ours.safetensors") as tensors:   # dict name -> array, execution order

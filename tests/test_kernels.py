@@ -113,6 +113,8 @@ def test_rms_norm_into_a_view(dtype, b, lc, l, h, d, seed):
     close(out, nn.rms_norm(x, w[0, 0], 1e-6), dtype)
     with pytest.raises(ValueError, match="out must be"):
         kernels.rms_norm(x, w[0, 0], 1e-6, out=np.empty((l, h, d + 1), dtype))
+    with pytest.raises(ValueError, match="writeable"):
+        kernels.rms_norm(x, w[0, 0], 1e-6, out=np.broadcast_to(np.empty(d, dtype), x.shape))
 
 
 def test_rms_norm_weight_must_not_enlarge_x():
@@ -128,6 +130,9 @@ def test_rms_norm_on_other_layouts(dtype, l, h, d, weighted, seed):
     rng = np.random.default_rng(seed)
     x, w = rand(rng, (l, h, d), dtype), rand(rng, d, dtype) if weighted else None
     for a in (x, x.transpose(1, 0, 2), x[0, 0]):
+        close(kernels.rms_norm(a, w, 1e-6), nn.rms_norm(a, w, 1e-6), dtype)
+    long_rows, w = rand(rng, (l, h, 256 + d), dtype), rand(rng, 256 + d, dtype)  # T5's rows: one row per work item
+    for a in (long_rows, long_rows[:, ::-1], long_rows[0]):
         close(kernels.rms_norm(a, w, 1e-6), nn.rms_norm(a, w, 1e-6), dtype)
 
 
@@ -362,6 +367,8 @@ def test_group_norm_of_non_c_order_input(dtype):
     for x in (np.asfortranarray(rand(rng, (2, 4, 5, 6), dtype)), rand(rng, (2, 5, 4, 6), dtype).transpose(0, 2, 1, 3)):
         close(kernels.group_norm(x, 2, gw, gb), nn.group_norm(x, 2, gw, gb), dtype)
         close(kernels.group_norm_silu(x, 3, gw, gb), nn.group_norm_silu(x, 3, gw, gb), dtype)
+    empty = np.ones((1, 0, 4, 6), dtype)  # as the plain form: an empty image normalises to an empty image
+    assert kernels.group_norm(empty, 2, gw, gb).shape == kernels.group_norm_silu(empty, 2, gw, gb).shape == empty.shape
 
 
 def test_conv2d_bad_and_empty_shapes():
