@@ -3,7 +3,6 @@ random full-size SD3-medium configs and weights. Benchmarks never run in CI (a s
 
 from __future__ import annotations
 
-import resource
 import time
 
 import numba
@@ -71,9 +70,20 @@ def copy_gbps(nbytes=256 << 20, repeat=5, allocations=3) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def rss_status() -> dict:
+    """Current and peak resident set of this process, GiB (VmRSS / VmHWM of /proc/self/status, KiB);
+    printed as "GB"."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1]) / 2**20
+    return {"rss_gb": out["VmRSS"], "peak_gb": out["VmHWM"]}
+
+
 def peak_rss_gb() -> float:
-    """Peak resident set of this process so far, GiB (ru_maxrss is KiB on Linux); printed as "GB"."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident set of this process so far, GiB; printed as "GB"."""
+    return rss_status()["peak_gb"]
 
 
 def spread(times) -> str:

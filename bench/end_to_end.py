@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.common import matmul_gflops
+from bench.common import matmul_gflops, rss_status
 from bench.convert import full_size_config, random_canonical, t5_xxl, timed
 from bench.mmdit import mmdit_flops
 from bench.vae import decode_flops
@@ -47,16 +47,6 @@ def t5_flops(c, batch, length):
 
 
 # -- the child: one run -----------------------------------------------------------------------------------
-
-def _status() -> dict:
-    """Current and peak resident set of this process, GB (/proc/self/status)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line[:5]] = int(line.split()[1]) / 2**20
-    return {"rss_gb": out["VmRSS"], "peak_gb": out["VmHWM"]}
-
 
 def token_ids(config, batch, t5_length, rng, words=20):
     """Random prompt-like ids: BOS, ``words`` random ids, EOS, padding (CLIP: the last two ids of the
@@ -88,11 +78,11 @@ def child(a):
         def run(*args, **kw):
             t = time.perf_counter()
             out = fn(*args, **kw)
-            stages.append({"stage": name, "seconds": time.perf_counter() - t, **_status()})
+            stages.append({"stage": name, "seconds": time.perf_counter() - t, **rss_status()})
             return out
         return run
 
-    start = _status()
+    start = rss_status()
     t0 = time.perf_counter()
     loaded = model_mod.load(a.child, cache_gb=a.cache_gb)
     load_s = time.perf_counter() - t0
@@ -119,15 +109,15 @@ def child(a):
     upcast = {}
     file_weights = load_weights(a.child)[0]
     for comp in ("mmdit", "t5"):
-        names = [n for n in loaded.weights if n.startswith(canonical.PREFIX[comp])]
+        names = [n for n in file_weights if n.startswith(canonical.PREFIX[comp])]
         t = time.perf_counter()
-        for n in names:  # from the file, not from the cache
-            nn.upcast(file_weights[n], np.float32)  # what nn.linear does on every use
+        for n in names:  # from the file, not from the cache; into fresh arrays (nn.linear reuses a kept buffer)
+            nn.upcast(file_weights[n], np.float32)
         upcast[comp] = time.perf_counter() - t
     with open(a.json, "w") as f:
         json.dump({"start": start, "load_s": load_s, "run_s": run_s, "stages": stages, "upcast_s": upcast,
                    "context_tokens": int(cond.context.shape[1]), "finite": bool(np.isfinite(image).all()),
-                   "image_shape": list(image.shape), "end": _status()}, f)
+                   "image_shape": list(image.shape), "end": rss_status()}, f)
 
 
 # -- the parent -------------------------------------------------------------------------------------------

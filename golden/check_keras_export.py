@@ -24,7 +24,8 @@ import numpy as np
 
 from golden import keras_side, make_tokenizers
 from golden import sets as S
-from golden.generate import ROOT, _versions, compare
+from golden.generate import ROOT, compare
+from golden.trace_format import versions
 
 keras, keras_hub = keras_side.keras, keras_side.keras_hub
 
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sd3ref-python", default="python3", help="a Python with sd3ref's dependencies")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"what": __doc__.strip().splitlines()[0], "versions": _versions(),
+        result = {"what": __doc__.strip().splitlines()[0], "versions": versions(),
                   "sets": {name: check_set(name, spec, args.sd3ref_python, tmp) for name, spec in S.SETS.items()}}
     with open(os.path.join(ROOT, "keras_export_check.json"), "w") as f:
         json.dump(result, f, indent=1)

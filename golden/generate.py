@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata as md
 import io
 import json
 import os
-import platform
 import shutil
 import zipfile
 
@@ -22,10 +20,9 @@ import torch
 
 from golden import diffusers_side, keras_side, make_tokenizers, sai_file
 from golden import sets as S
+from golden.trace_format import versions
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-FRAMEWORKS = ("keras", "keras-hub", "jax", "numpy", "torch", "diffusers", "transformers", "tokenizers",
-              "safetensors", "h5py", "sentencepiece")
 FIXED_DATE = "2026-01-01@00:00:00"
 # Framework differences the cross-check cannot align, with their cause. These rows are reported but
 # do not count towards max_rel_float.
@@ -97,17 +94,6 @@ def compare(reference: dict, other: dict, transpose: bool = False) -> dict:
         scale = float(np.max(np.abs(b))) if b.size else 0.0
         rows[key] = {"max_abs": diff, "max_rel": diff / scale if scale else diff}
     return rows
-
-
-def _versions() -> dict:
-    v = {}
-    for name in FRAMEWORKS:
-        try:
-            v[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    v["python"] = platform.python_version()
-    return v
 
 
 def _sha256(path: str) -> str:
@@ -220,7 +206,7 @@ def generate_set(name: str, spec: dict, tok: dict) -> None:
     manifest = {
         "set": name,
         "generator": "python -m golden.generate (golden/generate.py)",
-        "versions": _versions(),
+        "versions": versions(),
         "spec": spec,
         "constants": {k: getattr(S, k) for k in ("NEGATIVE_PROMPT", "GUIDANCE", "T2I_STEPS", "I2I_STEPS",
                                                  "I2I_STRENGTH", "KERAS_T5_LENGTH", "DIFFUSERS_T5_LENGTH",

@@ -4,6 +4,7 @@ real convention difference otherwise. Runs the golden environment (golden/setup.
 it is opt-in: SD3REF_GOLDEN_PYTHON=golden/.venv/bin/python python -m pytest tests/test_reference_traces.py"""
 
 import functools
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -23,7 +24,10 @@ def framework_trace(tmp_root, script, set_name, dtype="float32"):
     args = [str(PYTHON), "-m", f"golden.{script}", set_name, "-o", str(out)] + (
         ["--dtype", dtype] if script == "trace_diffusers" else [])
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "KERAS_BACKEND": "numpy"})
-    return trace.load(out)[0]
+    tensors, metadata = trace.load(out)
+    versions = json.loads(metadata["versions"])  # which framework build produced the reference
+    assert ("diffusers" if script == "trace_diffusers" else "keras-hub") in versions, versions
+    return tensors
 
 
 def ours(source, convention, token_file, dtype):
