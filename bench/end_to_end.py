@@ -149,10 +149,10 @@ def main(argv=None):
     path = os.path.join(a.dir, "canonical_t5.safetensors" if not a.tiny else "tiny.safetensors")
     shapes = canonical.expected_shapes(config)
     need = sum(int(np.prod(s)) for s in shapes.values()) * 2
-    if not os.path.exists(path) and shutil.disk_usage(a.dir).free < need + (2 << 30):
+    existed = os.path.exists(path)
+    if not existed and shutil.disk_usage(a.dir).free < need + (2 << 30):
         raise SystemExit(f"{a.dir}: {need / 1e9:.1f} GB needed, {shutil.disk_usage(a.dir).free / 1e9:.1f} GB free")
     t = time.perf_counter()
-    existed = os.path.exists(path)
     random_canonical(config, path)
     print(f"{len(shapes)} tensors, {need // 2:,} parameters, {os.path.getsize(path) / 1e9:.2f} GB float16"
           f" ({'reused' if existed else f'written in {time.perf_counter() - t:.0f} s'})")
