@@ -56,18 +56,24 @@ def _parallel_copy(a, b):
         b[i] = a[i]
 
 
-def copy_gbps(nbytes=256 << 20, repeat=5, allocations=3) -> float:
-    """Memory bandwidth of this run: GB/s moved (read + write) by a large float32 copy into an existing
-    array, the fastest of NumPy's (one core) and a numba copy on all cores, over a few fresh pairs of
-    arrays: the same copy measured 44 or 74 GB/s here depending on the pages an allocation got (transparent
-    huge pages or not), and the baseline should be what the machine can do."""
-    best = np.inf
-    for _ in range(allocations):
-        a = np.ones(nbytes // 4, np.float32)
-        b = np.empty_like(a)
-        _parallel_copy(a, b)
-        best = min(best, best_of(lambda: np.copyto(b, a), repeat)[0], best_of(lambda: _parallel_copy(a, b), repeat)[0])
-    return 2 * nbytes / best / 1e9
+def copy_seconds(a, b) -> float:
+    """One float32 copy of a into the existing array b (read + write): the faster of NumPy's (one core) and a
+    numba copy on all cores."""
+    t0 = time.perf_counter()
+    np.copyto(b, a)
+    t1 = time.perf_counter()
+    _parallel_copy(a, b)
+    return min(t1 - t0, time.perf_counter() - t1)
+
+
+def copy_gbps(nbytes=256 << 20, repeat=5) -> float:
+    """Memory bandwidth at this moment: GB/s moved (read + write) by a large float32 copy into an existing
+    array, best of ``repeat``. It drifts here from one moment to the next (34-74 GB/s; the same two arrays
+    59 then 35 GB/s, by hand), so ratios against it come from copies interleaved with the measured code."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    _parallel_copy(a, b)
+    return 2 * nbytes / min(copy_seconds(a, b) for _ in range(repeat)) / 1e9
 
 
 def rss_status() -> dict:

@@ -171,9 +171,9 @@ _scratch = threading.local()
 def _upcast_for_product(w, dtype):
     """w in the compute dtype for one product. A 16-bit weight that ``upcast`` converts goes into a buffer this
     thread keeps (at most ``SCRATCH_LIMIT`` bytes; the largest MMDiT weight BLAS gets, SD3.5-large's MLP, is
-    95 MB in float32): a fresh float32 array that size comes from a fresh mmap whose pages the kernel
-    zero-fills on first touch (MMDiT from float16, one forward: 9.0 → 8.4 s at 256², 20.2-21.1 → 19.7 s at
-    512², by hand). The result is valid until this thread's next call."""
+    95 MB in float32): with glibc's default allocator (see ``sd3ref._reuse_freed_arrays``) a fresh float32
+    array that size comes from a fresh mmap whose pages the kernel zero-fills on first touch (MMDiT from
+    float16, one forward: 9.0 → 8.4 s at 256², 20.2-21.1 → 19.7 s at 512², by hand). The result is valid until this thread's next call."""
     if not _upcast_here(w, dtype) or w.size * 4 > SCRATCH_LIMIT:
         return upcast(w, dtype)
     buf = getattr(_scratch, "buf", None)
@@ -185,34 +185,40 @@ def _upcast_for_product(w, dtype):
 FEW_ROWS = 8  # products with at most this many rows read each weight row once, in numba
 
 
-def _weight(w, n, k):
-    """w[n, k] as a number (numba kernels only): float16 weights arrive as their uint16 bits."""
-    raise TypeError("sd3ref.kernels._weight runs inside numba kernels only")
+def _weight_row(w, n, buf):
+    """Row n of w in buf's dtype (numba kernels only): float16 weights arrive as their uint16 bits and are
+    converted into buf; other weights are returned in place (copying them cost a third of the product)."""
+    raise TypeError("sd3ref.kernels._weight_row runs inside numba kernels only")
 
 
-@overload(_weight, inline="always")
-def _weight_for(w, n, k):
+@overload(_weight_row, inline="always")
+def _weight_row_for(w, n, buf):
     if w.dtype == types.uint16:
-        return lambda w, n, k: _half_to_single(_U(w[n, k]))
-    return lambda w, n, k: w[n, k]
+        def convert(w, n, buf):
+            for k in range(buf.size):
+                buf[k] = _half_to_single(_U(w[n, k]))
+            return buf
+        return convert
+    return lambda w, n, buf: w[n]
 
 
 @njit(**_JIT)
 def _few_rows(x, w, out):
-    """out[m, n] = Σ_k x[m, k]·w[n, k]: each weight row is read once, converted to x's dtype (exactly) into a
-    per-thread buffer and used for every row of x. ``w`` is float32 / float64, or float16 as uint16 bits."""
+    """out[m, n] = Σ_k x[m, k]·w[n, k]: each weight row is read once and used for every row of x, float16
+    rows converted (exactly) into a per-thread buffer first. ``w`` is float32 / float64, or float16 as
+    uint16 bits."""
     M, K = x.shape
     N = w.shape[0]
     chunk = 64
     for c in prange((N + chunk - 1) // chunk):
-        row = np.empty(K, x.dtype)
+        buf = np.empty(K, x.dtype)
         for n in range(c * chunk, min(N, (c + 1) * chunk)):
-            for k in range(K):
-                row[k] = _weight(w, n, k)
+            row = _weight_row(w, n, buf)
             for m in range(M):
+                xm = x[m]
                 acc = x.dtype.type(0)
                 for k in range(K):
-                    acc += x[m, k] * row[k]
+                    acc += xm[k] * row[k]
                 out[m, n] = acc
 
 

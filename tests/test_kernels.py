@@ -1,6 +1,11 @@
 """The numba / blocked fast paths (sd3ref.kernels) against their plain-NumPy twins (sd3ref.nn), on random
 inputs of awkward sizes, float32 and float64."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -402,6 +407,25 @@ def test_switch_routes_nn_to_kernels():
         assert nn._kernels is None
     finally:
         nn._kernels = saved
+
+
+_ON_HEAP = """
+import numpy as np, sd3ref
+a = np.ones(16 << 20, np.float32)  # 64 MiB: above glibc's largest mmap threshold
+heap = [[int(v, 16) for v in line.split()[0].split("-")] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+print(sd3ref.REUSES_FREED_ARRAYS, any(lo <= a.ctypes.data < hi for lo, hi in heap))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc options")
+@pytest.mark.parametrize("env, on_heap", [({}, True), ({"MALLOC_MMAP_MAX_": "65536"}, False)])
+def test_large_arrays_come_from_the_reused_heap(env, on_heap):
+    # import sd3ref has glibc serve large arrays from its heap (no fresh mapping to zero-fill per array),
+    # unless the environment sets malloc's options itself
+    base = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_MAX_" and k != "GLIBC_TUNABLES"}
+    r = subprocess.run([sys.executable, "-c", _ON_HEAP], env={**base, **env}, capture_output=True, text=True,
+                       check=True)
+    assert r.stdout.split() == [str(on_heap)] * 2
 
 
 @pytest.mark.parametrize("set_name", verify.golden_sets())
