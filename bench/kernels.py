@@ -36,6 +36,7 @@ def elementwise(scale, repeat):
     img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
     gw, gb = np.ones(128, np.float32), np.zeros(128, np.float32)
     h2, img2 = h.copy(), img.copy()  # for the in-place cases
+    qk = np.ascontiguousarray(qkv[:, :, :2])  # the same values without the fused projection's v rows between
     joint = np.empty_like(qkv)  # the joint attention's q, k, v, as the MMDiT allocates it per block
     cases = [  # name, output, fast, args, plain twin, bytes the op must move at least (reads + writes)
         ("layer_norm_modulate", "fresh", kernels.layer_norm_modulate, (x, shift, sc, 1e-6), nn.layer_norm_modulate,
@@ -44,6 +45,8 @@ def elementwise(scale, repeat):
         ("gelu_tanh", "in place (MMDiT MLP)", lambda a: kernels.gelu_tanh(a, out=a), (h2,), nn.gelu_tanh, 2 * h.nbytes),
         ("rms_norm (q and k heads of the fused qkv)", "fresh", kernels.rms_norm,
          (qkv[:, :, :2], np.ones((2, 1, 64), np.float32), 1e-6), nn.rms_norm, 2 * (2 * qkv.nbytes // 3)),
+        ("rms_norm (q and k heads, contiguous)", "fresh", kernels.rms_norm,
+         (qk, np.ones((2, 1, 64), np.float32), 1e-6), nn.rms_norm, 2 * qk.nbytes),
         ("rms_norm (q and k heads of the fused qkv)", "into the joint sequence (MMDiT)",
          lambda *a: kernels.rms_norm(*a, out=joint[:, :, :2]), (qkv[:, :, :2], np.ones((2, 1, 64), np.float32), 1e-6),
          nn.rms_norm, 2 * (2 * qkv.nbytes // 3)),
