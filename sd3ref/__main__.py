@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--weight-cache-gb", type=float, default=0.0, metavar="GB",
                    help="keep up to GB of MMDiT weights upcast after the first step (SD3-medium: 7.8 GiB in "
-                        "float32, ~10%% faster steps in bench.end_to_end; default 0: re-read every step, "
+                        "float32, ~7%% faster steps in bench.end_to_end; default 0: re-read every step, "
                         "minimal memory)")
     p.add_argument("--rounding", default="keras", choices=pipeline.ROUNDINGS,
                    help="uint8 conversion: keras / diffusers round, sai truncates")

@@ -173,7 +173,8 @@ def _upcast_for_product(w, dtype):
     thread keeps (at most ``SCRATCH_LIMIT`` bytes; the largest MMDiT weight BLAS gets, SD3.5-large's MLP, is
     95 MB in float32): with glibc's default allocator (see ``sd3ref._reuse_freed_arrays``) a fresh float32
     array that size comes from a fresh mmap whose pages the kernel zero-fills on first touch (MMDiT from
-    float16, one forward: 9.0 → 8.4 s at 256², 20.2-21.1 → 19.7 s at 512², by hand). The result is valid until this thread's next call."""
+    float16, one forward: 9.0 → 8.4 s at 256², 20.2-21.1 → 19.7 s at 512², by hand). The result is valid
+    until this thread's next call."""
     if not _upcast_here(w, dtype) or w.size * 4 > SCRATCH_LIMIT:
         return upcast(w, dtype)
     buf = getattr(_scratch, "buf", None)
@@ -187,7 +188,8 @@ FEW_ROWS = 8  # products with at most this many rows read each weight row once, 
 
 def _weight_row(w, n, buf):
     """Row n of w in buf's dtype (numba kernels only): float16 weights arrive as their uint16 bits and are
-    converted into buf; other weights are returned in place (copying them cost a third of the product)."""
+    converted into buf; other weights are returned in place (copying each row first made the product of 2
+    rows and a 9216×1536 float32 weight 1.8× slower, by hand)."""
     raise TypeError("sd3ref.kernels._weight_row runs inside numba kernels only")
 
 

@@ -56,8 +56,9 @@ class UpcastCache(Mapping):
     ``max_bytes`` (first come, first kept; the rest are read and upcast on every access, as without a cache).
 
     For the MMDiT, which a generation run reads once per step: re-reading and upcasting its float16
-    weights costs ~10% of a 256×256 step (median steps 8.47 s uncached, 7.58 s cached in two `python -m
-    bench.end_to_end` runs, docs/performance.md), and SD3-medium's MMDiT is 7.8 GiB in float32."""
+    weights costs ~7% of a 256×256 step (median steps 7.99 s uncached, 7.42 s cached in two `python -m
+    bench.end_to_end` runs, docs/performance.md; ~10% in the previous session's pair), and SD3-medium's MMDiT
+    is 7.8 GiB in float32."""
 
     def __init__(self, weights: Mapping, prefix: str, dtype="float32", max_bytes: int = 0):
         self._weights, self._prefix, self._dtype, self._left = weights, prefix, np.dtype(dtype), max_bytes
