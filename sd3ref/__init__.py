@@ -18,14 +18,19 @@ def _reuse_freed_arrays(keep_bytes=1 << 30):
     (NumPy asks for them) that can stall on compaction. A/B in one process, toggled between runs: VAE decode
     at 512² 14.06-14.08 → 12.80-13.29 s, MMDiT at 512² 19.36-19.70 → 18.47-19.56 s; GELU into a fresh
     67 MB array between copies 12.3 → 3.4 ms (by hand and bench.kernels). Freed memory inside the heap stays
-    resident until reused. Leaves malloc alone when the environment sets its options (``MALLOC_MMAP_MAX_``
-    or a GLIBC_TUNABLES malloc entry: ``MALLOC_MMAP_MAX_=65536`` restores glibc's default) and off glibc.
+    resident until reused. Leaves malloc alone when the environment sets the same options
+    (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or a GLIBC_TUNABLES malloc entry;
+    ``MALLOC_MMAP_MAX_=65536`` restores glibc's default) and off glibc.
     Returns whether it applied."""
-    if "MALLOC_MMAP_MAX_" in os.environ or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    set_outside = {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
+    if set_outside or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")  # musl's mallopt ignores these options
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (AttributeError, OSError, TypeError, ValueError):
+        return False
+    if not glibc:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, keep_bytes) == 1

@@ -412,7 +412,8 @@ def test_switch_routes_nn_to_kernels():
 _ON_HEAP = """
 import numpy as np, sd3ref
 a = np.ones(16 << 20, np.float32)  # 64 MiB: above glibc's largest mmap threshold
-heap = [[int(v, 16) for v in line.split()[0].split("-")] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+maps = open("/proc/self/maps").read().splitlines()
+heap = [[int(v, 16) for v in line.split()[0].split("-")] for line in maps if line.endswith("[heap]")]
 print(sd3ref.REUSES_FREED_ARRAYS, any(lo <= a.ctypes.data < hi for lo, hi in heap))
 """
 
@@ -422,7 +423,8 @@ print(sd3ref.REUSES_FREED_ARRAYS, any(lo <= a.ctypes.data < hi for lo, hi in hea
 def test_large_arrays_come_from_the_reused_heap(env, on_heap):
     # import sd3ref has glibc serve large arrays from its heap (no fresh mapping to zero-fill per array),
     # unless the environment sets malloc's options itself
-    base = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_MAX_" and k != "GLIBC_TUNABLES"}
+    outside = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    base = {k: v for k, v in os.environ.items() if k not in outside}
     r = subprocess.run([sys.executable, "-c", _ON_HEAP], env={**base, **env}, capture_output=True, text=True,
                        check=True)
     assert r.stdout.split() == [str(on_heap)] * 2
