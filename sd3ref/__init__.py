@@ -12,18 +12,18 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 def _reuse_freed_arrays(keep_bytes=1 << 30):
-    """Have glibc serve arrays of every size from its heap and keep up to ``keep_bytes`` freed at its top,
-    instead of one fresh mapping per array over 32 MiB (the MMDiT's MLP activations and joint q/k/v at
-    512², the VAE's feature maps): a fresh mapping's pages are zeroed on first touch, and with huge pages
-    (NumPy asks for them) that can stall on compaction. A/B in one process, toggled between runs: VAE decode
-    at 512² 14.06-14.08 → 12.80-13.29 s, MMDiT at 512² 19.36-19.70 → 18.47-19.56 s; GELU into a fresh
-    67 MB array between copies 12.3 → 3.4 ms (by hand and bench.kernels). Freed memory inside the heap stays
-    resident until reused. Leaves malloc alone when the environment sets the same options
-    (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or a GLIBC_TUNABLES malloc entry;
-    ``MALLOC_MMAP_MAX_=65536`` restores glibc's default) and off glibc.
-    Returns whether it applied."""
+    """Have glibc serve large arrays from its heap and keep up to ``keep_bytes`` freed at its top, instead of
+    one fresh mapping per array over 32 MiB (the MMDiT's MLP activations and joint q/k/v at 512², the VAE's
+    feature maps): a fresh mapping's pages are zeroed on first touch, and with huge pages (NumPy asks for
+    them) that can stall on compaction. Applies to arrays allocated on the main thread; other threads' arenas
+    already keep arrays up to 64 MiB. A/B in one process, toggled between runs (by hand): VAE decode at 512²
+    14.06-14.08 → 12.80-13.29 s; GELU into a fresh 67 MB array 4.29 → 3.93 ms; MMDiT at 512² 0.5-4.6% per
+    pair. Freed memory inside the heap stays resident until reused. Leaves malloc alone when the environment
+    sets the same options (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or a GLIBC_TUNABLES malloc entry;
+    ``MALLOC_MMAP_MAX_=65536`` restores glibc's default), when a library is preloaded (it may replace malloc,
+    whose options glibc would then accept and ignore) and off glibc. Returns whether it applied."""
     set_outside = {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)
-    if set_outside or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    if set_outside or os.environ.get("LD_PRELOAD") or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION")  # musl's mallopt ignores these options
@@ -33,7 +33,8 @@ def _reuse_freed_arrays(keep_bytes=1 << 30):
     if not glibc:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, keep_bytes) == 1
+    # the trim threshold first: alone it changes nothing, so a failure of the second call leaves glibc as it was
+    return mallopt(M_TRIM_THRESHOLD, keep_bytes) == 1 and mallopt(M_MMAP_MAX, 0) == 1
 
 
 REUSES_FREED_ARRAYS = _reuse_freed_arrays()

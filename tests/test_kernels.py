@@ -423,7 +423,7 @@ print(sd3ref.REUSES_FREED_ARRAYS, any(lo <= a.ctypes.data < hi for lo, hi in hea
 def test_large_arrays_come_from_the_reused_heap(env, on_heap):
     # import sd3ref has glibc serve large arrays from its heap (no fresh mapping to zero-fill per array),
     # unless the environment sets malloc's options itself
-    outside = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    outside = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
     base = {k: v for k, v in os.environ.items() if k not in outside}
     r = subprocess.run([sys.executable, "-c", _ON_HEAP], env={**base, **env}, capture_output=True, text=True,
                        check=True)
