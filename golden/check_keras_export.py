@@ -51,7 +51,8 @@ def check_set(name: str, spec: dict, sd3ref_python: str, tmp: str) -> dict:
         outputs.append(keras_side.run(backbone, preprocessor, spec, inputs))
     same_run = compare(outputs[0], outputs[1])
     vs_golden = compare(dict(np.load(os.path.join(folder, "keras_float32.npz"))), outputs[1])
-    return {"command": " ".join(["python"] + command[1:]).replace(ROOT, "golden"),
+    # the temporary directory is named as OUT, so that a re-run writes the same file
+    return {"command": " ".join(["python"] + command[1:]).replace(ROOT, "golden").replace(tmp, "OUT"),
             "loader": "keras_hub.models.StableDiffusion3Backbone.from_preset",
             "weights": len(exported.weights), "stored_dtypes": sorted({str(v.dtype) for v in exported.weights}),
             "weights_differing_from_golden_preset": weights_differ,
