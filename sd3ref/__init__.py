@@ -16,9 +16,9 @@ def _reuse_freed_arrays(keep_bytes=1 << 30):
     one fresh mapping per array over 32 MiB (the MMDiT's MLP activations and joint q/k/v at 512², the VAE's
     feature maps): a fresh mapping's pages are zeroed on first touch, and with huge pages (NumPy asks for
     them) that can stall on compaction. Applies to arrays allocated on the main thread; other threads' arenas
-    already keep arrays up to 64 MiB. A/B in one process, toggled between runs (by hand): VAE decode at 512²
-    14.06-14.08 → 12.80-13.29 s; GELU into a fresh 67 MB array 4.29 → 3.93 ms; MMDiT at 512² 0.5-4.6% per
-    pair. Freed memory inside the heap stays resident until reused. Leaves malloc alone when the environment
+    already keep arrays up to 64 MiB. ``python -m bench.allocator`` compares it with glibc's default in
+    alternating processes: VAE decode at 512² 0.81-0.91× the time (docs/performance.md, "Allocation"). Freed
+    memory inside the heap stays resident until reused. Leaves malloc alone when the environment
     sets the same options (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or a GLIBC_TUNABLES malloc entry;
     ``MALLOC_MMAP_MAX_=65536`` restores glibc's default), when a library is preloaded (it may replace malloc,
     whose options glibc would then accept and ignore) and off glibc. Returns whether it applied."""

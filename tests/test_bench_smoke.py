@@ -50,3 +50,10 @@ def test_trace_bench(capsys):
 
     trace.main(["--repeat", "1", "--calls", "1"])
     assert "tracing off" in capsys.readouterr().out
+
+
+def test_allocator_bench(capsys):
+    from bench import allocator
+
+    allocator.main(["--scale", "0.05", "--pairs", "1", "--repeat", "1"])
+    assert "| VAE decode to 25×25 |" in capsys.readouterr().out
