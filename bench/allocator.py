@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.common import peak_rss_gb, random_weights, sd3_medium
 from bench.mmdit import inputs
+from bench.vae import decoder_shapes
 from converters import canonical
 from sd3ref import kernels, mmdit, nn, vae
 from sd3ref.config import VAEConfig
@@ -36,8 +37,7 @@ def cases(scale, with_mmdit):
     img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
     ones, zeros = np.ones(128, np.float32), np.zeros(128, np.float32)
     config = VAEConfig()
-    shapes = {k: v for k, v in canonical.vae_shapes(config).items() if ".decoder." in k}
-    w = nn.Scope(random_weights(shapes), canonical.PREFIX["vae"])
+    w = nn.Scope(random_weights(decoder_shapes(config)), canonical.PREFIX["vae"])
     z = rng.standard_normal((1, side // 8, side // 8, config.latent_channels), dtype=np.float32)
     out = {
         f"GELU into a fresh {h.nbytes / 1e6:.3g} MB array": lambda: kernels.gelu_tanh(h),

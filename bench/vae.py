@@ -18,6 +18,11 @@ from sd3ref import nn, vae
 from sd3ref.config import VAEConfig
 
 
+def decoder_shapes(config: VAEConfig) -> dict:
+    """The decoder's canonical tensor shapes (what a decode reads)."""
+    return {k: v for k, v in canonical.vae_shapes(config).items() if ".decoder." in k}
+
+
 def decode_flops(config: VAEConfig, latent: int) -> int:
     """Convolution and attention FLOPs of one decode (the matmul work; norms and adds excluded)."""
     f, side = 0, latent
@@ -46,7 +51,7 @@ def main(argv=None):
     config = VAEConfig() if not a.filters else VAEConfig(
         encoder_num_filters=(a.filters,) * 4, decoder_num_filters=(a.filters,) * 4, num_groups=a.filters // 4)
     roof = matmul_gflops()
-    shapes = {k: v for k, v in canonical.vae_shapes(config).items() if ".decoder." in k}
+    shapes = decoder_shapes(config)
     w = nn.Scope(random_weights(shapes), canonical.PREFIX["vae"])
     z = np.random.default_rng(1).standard_normal((1, a.latent, a.latent, config.latent_channels), dtype=np.float32)
     flops = decode_flops(config, a.latent)
