@@ -35,7 +35,7 @@ def elementwise(scale, repeat):
     qkv = rng.standard_normal((B, L, 3, 24, 64), dtype=np.float32)
     img = rng.standard_normal((1, side, side, 128), dtype=np.float32)
     gw, gb = np.ones(128, np.float32), np.zeros(128, np.float32)
-    h2, img2 = h.copy(), img.copy()  # for the in-place cases
+    h2, img2, qkv2 = h.copy(), img.copy(), qkv.copy()  # for the in-place cases
     qk = np.ascontiguousarray(qkv[:, :, :2])  # the same values without the fused projection's v rows between
     joint = np.empty_like(qkv)  # the joint attention's q, k, v, as the MMDiT allocates it per block
     cases = [  # name, output, fast, args, plain twin, bytes the op must move at least (reads + writes)
@@ -49,6 +49,9 @@ def elementwise(scale, repeat):
          (qk, np.ones((2, 1, 64), np.float32), 1e-6), nn.rms_norm, 2 * qk.nbytes),
         ("rms_norm (q and k heads of the fused qkv)", "into the joint sequence (MMDiT)",
          lambda *a: kernels.rms_norm(*a, out=joint[:, :, :2]), (qkv[:, :, :2], np.ones((2, 1, 64), np.float32), 1e-6),
+         nn.rms_norm, 2 * (2 * qkv.nbytes // 3)),
+        ("rms_norm (q and k heads of the fused qkv)", "in place (SD3.5 attn2)",
+         lambda *a: kernels.rms_norm(*a, out=a[0]), (qkv2[:, :, :2], np.ones((2, 1, 64), np.float32), 1e-6),
          nn.rms_norm, 2 * (2 * qkv.nbytes // 3)),
         ("group_norm_silu", "fresh", kernels.group_norm_silu, (img, 32, gw, gb, 1e-6), nn.group_norm_silu,
          3 * img.nbytes),
