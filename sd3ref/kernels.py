@@ -49,6 +49,7 @@ ATTENTION_BUDGET = 4 << 20  # bytes of logits per block and thread (1-4 MiB with
 
 _LLVM = {types.float64: ir.DoubleType(), types.float32: ir.FloatType(),
          types.uint32: ir.IntType(32)}
+_I32 = ir.IntType(32)
 
 
 def _bitcast(source, target):
@@ -306,9 +307,6 @@ def layer_norm_modulate(x, shift, scale, eps):
     return _norm(x, 1.0 + np.asarray(scale, x.dtype), shift, eps)
 
 
-_I32 = ir.IntType(32)
-
-
 @intrinsic
 def _prefetch(typingctx, a, i):
     """A hint that a[i] (a contiguous 1-D array) will be read soon (llvm.prefetch: read, keep in all cache
@@ -337,8 +335,8 @@ def _rms_heads(x, xs, out, os, rows, w, eps, in_place):
 
     Each head row of the next token is prefetched while this token's is processed: in the fused projection
     a token's q and k are followed by its v, and at every such jump the hardware prefetcher stopped and
-    restarted (2.4 against 1.5 ms on contiguous rows; with the prefetch 1.4-1.5 ms, by hand; a plain copy
-    of the same rows runs at full speed unaided: it keeps more loads in flight).
+    restarted (2.4 against 1.5 ms on contiguous rows; with the prefetch 1.4-1.5 ms, by hand; a plain numba
+    copy of the same rows ran at full speed without it).
     ``in_place`` (out is x, os is xs): the second pass reads and writes one view of out, because LLVM
     guards a loop that reads one array and writes another with a run-time overlap check, which an exact
     alias fails, so in place ran scalar code (5.1 against 2.7-2.9 ms, by hand)."""
