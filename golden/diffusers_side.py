@@ -238,6 +238,23 @@ def _run(pipe, spec: dict, inputs: dict, dtype, t5_length: int) -> dict:
     out.update(_t2i(pipe, spec, inputs, dtype, t5_length))
     out.update(_i2i(pipe, spec, inputs, dtype, t5_length, inpaint=False))
     out.update(_i2i(pipe, spec, inputs, dtype, t5_length, inpaint=True))
+    out.update(_start_steps(pipe))
+    return out
+
+
+def _start_steps(pipe) -> dict:
+    """Each task's first step over START_STEPS_N × START_STEPS_STRENGTH, from its own get_timesteps (it
+    returns the timesteps it will run), on a fresh scheduler so the runs above are unaffected."""
+    out = {}
+    for prefix, cls in (("i2i", StableDiffusion3Img2ImgPipeline), ("inpaint", StableDiffusion3InpaintPipeline)):
+        task = cls(**{**pipe.components, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)})
+        table = np.zeros((len(S.START_STEPS_N), len(S.START_STEPS_STRENGTH)), np.int32)
+        for i, n in enumerate(S.START_STEPS_N):
+            for j, strength in enumerate(S.START_STEPS_STRENGTH):
+                task.scheduler.set_timesteps(n)
+                _, steps_run = task.get_timesteps(n, strength, "cpu")
+                table[i, j] = n - steps_run
+        out[f"{prefix}/start_steps"] = table
     return out
 
 

@@ -31,6 +31,9 @@ KNOWN_DIFFERENCES = {
                        "omits + shift_factor (KerasHub, Stability and diffusers' text-to-image and image-to-image "
                        "pipelines add it); the final inpaint latents agree",
     "inpaint/image_uint8": "follows inpaint/decoded",
+    "i2i/start_steps": "KerasHub takes int(N·(1 − strength)), diffusers int(N − min(N·strength, N)): one step apart "
+                       "at float ties (strength 0.8 with N a multiple of 5, 0.9 with N a multiple of 10)",
+    "inpaint/start_steps": "as i2i/start_steps",
 }
 
 
@@ -210,7 +213,7 @@ def generate_set(name: str, spec: dict, tok: dict) -> None:
         "spec": spec,
         "constants": {k: getattr(S, k) for k in ("NEGATIVE_PROMPT", "GUIDANCE", "T2I_STEPS", "I2I_STEPS",
                                                  "I2I_STRENGTH", "KERAS_T5_LENGTH", "DIFFUSERS_T5_LENGTH",
-                                                 "MMDIT_CONTEXT_TOKENS")},
+                                                 "MMDIT_CONTEXT_TOKENS", "START_STEPS_N", "START_STEPS_STRENGTH")},
         "sources": {
             "keras": "keras/ — KerasHub preset (preprocessor.save_to_preset + backbone.save_to_preset) of a "
                      "backbone built with the stored dtypes of spec.storage; metadata.json date_saved fixed to "

@@ -418,6 +418,40 @@ def run(backbone, preprocessor, spec: dict, inputs: dict) -> dict:
                                         token_pair, start, i2i_steps, guidance)
     del backbone.decode_step
     _finish(out, inpaint, "inpaint", decoded)
+    out.update(_start_steps(i2i, inpaint, inputs))
+    return out
+
+
+class _Captured(Exception):
+    pass
+
+
+def _start_steps(i2i, inpaint, inputs) -> dict:
+    """Each task's first step over START_STEPS_N × START_STEPS_STRENGTH as its generate() computes it:
+    generate() is called with its compiled loop replaced by a function that records the starting_step
+    argument (position 3 in ImageToImage's call, 4 in Inpaint's, after the masks) and stops."""
+    image = inputs["i2i/image"][0]
+    out = {}
+    for prefix, task, position, extra in (("i2i", i2i, 3, {}),
+                                          ("inpaint", inpaint, 4, {"masks": inputs["inpaint/mask"][0]})):
+        seen = []
+
+        def capture(*args):
+            seen.append(int(_np(args[position])))
+            raise _Captured
+
+        task.make_generate_function = lambda: capture
+        table = np.zeros((len(S.START_STEPS_N), len(S.START_STEPS_STRENGTH)), np.int32)
+        for i, n in enumerate(S.START_STEPS_N):
+            for j, strength in enumerate(S.START_STEPS_STRENGTH):
+                try:
+                    task.generate({"images": image, "prompts": S.NEGATIVE_PROMPT, **extra}, num_steps=n,
+                                  strength=strength)
+                except _Captured:
+                    pass
+                table[i, j] = seen.pop()
+        del task.make_generate_function
+        out[f"{prefix}/start_steps"] = table
     return out
 
 

@@ -45,6 +45,11 @@ GUIDANCE = 5.0
 T2I_STEPS = 3
 I2I_STEPS, I2I_STRENGTH = 4, 0.6  # start step int(4·0.4) = 1 in KerasHub and diffusers alike
 SCHEDULES = [(n, s) for n in (1, 2, 3, 4, 10, 28, 50) for s in (1.0, 3.0, 2.5)]
+# Image-to-image / inpainting start steps, taken from each framework's own code (not from the runs above),
+# over a grid with the float ties where the frameworks differ: 1 - 0.8 = 0.19999999999999996, so
+# int(N·(1 - 0.8)) < N - N·0.8 for N a multiple of 5 (likewise 0.9, N a multiple of 10).
+START_STEPS_N = tuple(range(1, 13)) + (15, 20, 25, 28, 30, 50)
+START_STEPS_STRENGTH = (0.0, 0.2, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 KERAS_T5_LENGTH = 77  # the `keras` convention: 77 CLIP + 77 T5 tokens
 DIFFUSERS_T5_LENGTH = 256  # diffusers' default max_sequence_length
 MMDIT_CONTEXT_TOKENS = 12  # any length works; small keeps the 4096-wide no-T5 input small

@@ -81,6 +81,10 @@ class VAEConfig:
         for f in self.encoder_num_filters + self.decoder_num_filters:
             if f % self.num_groups:
                 raise ConfigError(f"VAE filter count {f} is not a multiple of {self.num_groups} GroupNorm groups")
+        for name in ("scale", "shift"):  # diffusers' AutoencoderKL defaults shift_factor to null (SD1-style VAEs)
+            if not isinstance(getattr(self, name), (int, float)):
+                raise ConfigError(f"VAE {name} {getattr(self, name)!r} is not a number: SD3 latents are "
+                                  f"(z - shift)·scale (0.0609, 1.5305 for SD3's VAE)")
 
     @property
     def latent_channels(self) -> int:

@@ -184,9 +184,13 @@ def schedule(model: Model, steps: int, convention="keras"):
     return scheduler.sigmas(steps, model.config.shift, model.config.num_train_timesteps, SIGMA_TABLE[convention])
 
 
-def start_step(steps: int, strength: float) -> int:
-    """The first step image-to-image runs: int(N·(1 − strength)), as in KerasHub and sd3_infer.py
-    (diffusers' int(N − N·strength) is the same number except at float ties)."""
+def start_step(steps: int, strength: float, convention="keras") -> int:
+    """The first step image-to-image and inpainting run. KerasHub and sd3_infer.py take int(N·(1 − strength)),
+    diffusers int(N − min(N·strength, N)). They differ where N·strength is a whole number but 1 − strength is
+    not exact: 1 − 0.8 = 0.19999999999999996, so at strength 0.8 (the usual default) and N a multiple of 5
+    KerasHub starts one step earlier (N = 10: step 1, diffusers step 2); likewise 0.9 with N a multiple of 10."""
+    if convention == "diffusers":
+        return int(steps - min(steps * strength, steps))
     return int(steps * (1 - strength))
 
 
@@ -226,7 +230,7 @@ def text_to_image(model: Model, cond: Conditioning, latents, steps: int, guidanc
 def image_to_image(model: Model, cond: Conditioning, image, noise, steps: int, strength: float,
                    guidance: float, vae_eps=None, convention="keras", on_step=None):
     """image (B, H, W, 3) in [-1, 1], noise (B, H/8, W/8, C): encode, noise to σ_start, denoise, decode."""
-    sigmas, start = schedule(model, steps, convention), start_step(steps, strength)
+    sigmas, start = schedule(model, steps, convention), start_step(steps, strength, convention)
     x = scheduler.add_noise(encode_image(model, image, vae_eps), np.asarray(noise, model.dtype), sigmas[start])
     return decode(model, denoise(model, x, cond, sigmas, guidance, start, on_step=on_step))
 
@@ -236,7 +240,7 @@ def inpaint(model: Model, cond: Conditioning, image, mask, noise, steps: int, st
     """As ``image_to_image``, repainting only where ``mask`` (B, H, W) > 0.5; elsewhere the result keeps
     the image latents. Under ``convention="diffusers"`` the result is decoded without the latent shift,
     as diffusers 0.42.1's StableDiffusion3InpaintPipeline does (docs/conventions.md)."""
-    sigmas, start = schedule(model, steps, convention), start_step(steps, strength)
+    sigmas, start = schedule(model, steps, convention), start_step(steps, strength, convention)
     image_latents = encode_image(model, image, vae_eps)
     noise = np.asarray(noise, model.dtype)
     x = scheduler.add_noise(image_latents, noise, sigmas[start])
@@ -322,7 +326,7 @@ def generate(model: Model, tokenizers: Tokenizers, prompts, negative_prompt="", 
     bar.close()
 
     # The tasks decode right after their last step: the "decode" bar opens there.
-    run = steps - (0 if image is None else start_step(steps, strength))
+    run = steps - (0 if image is None else start_step(steps, strength, convention))
     bars = [progress("denoise", run)] if run else [progress("decode", 1)]
 
     def on_step(k, latents):

@@ -16,7 +16,8 @@ design and is checked in every file: the float32 files hold float32-rounded sigm
 
 The generation stages (``t2i``, ``i2i``, ``inpaint``) run ``sd3ref.pipeline`` on the framework's token ids and
 injected noise: every step's latents and the decoded image to the same tolerances; the uint8 images, in
-the framework's own rounding, in counts (``UINT8_TOLERANCE``). The diffusers files hold no ``t5/sequence``
+the framework's own rounding, in counts (``UINT8_TOLERANCE``); each task's first step over a grid of step
+counts and strengths (``<task>/start_steps``, from the framework's own code), exactly. The diffusers files hold no ``t5/sequence``
 (it is ``cond/context[:, 77:]``, see golden/README.md): that slice is the reference.
 
 ``tests/test_parity.py`` runs the same comparisons, through ``compare`` and ``set_rows``.
@@ -168,6 +169,10 @@ def pipeline_outputs(model: Model, inputs: dict, ref: dict, convention: str, con
                strength=constants["I2I_STRENGTH"], guidance=g, vae_eps=inputs["i2i/vae_eps"], convention=convention)
     stage("i2i", lambda rec: pipeline.image_to_image(model, cond, **i2i, on_step=rec))
     stage("inpaint", lambda rec: pipeline.inpaint(model, cond, mask=inputs["inpaint/mask"], **i2i, on_step=rec))
+    # Both tasks' first step over a grid of step counts and strengths, as each framework's own code computes it.
+    table = np.array([[pipeline.start_step(n, s, convention) for s in constants["START_STEPS_STRENGTH"]]
+                      for n in constants["START_STEPS_N"]])
+    out["i2i/start_steps"] = out["inpaint/start_steps"] = table
     return out
 
 
@@ -199,9 +204,10 @@ def set_rows(set_dir, runs=RUNS) -> list[dict]:
         for key in sorted(ours):
             if key in ref:
                 row = {"set": set_dir.name, "component": key, "source": source, "dtype": dtype}
-                # The schedule is float64 by design, whatever the compute dtype.
+                # The schedule is float64 by design, whatever the compute dtype; start steps are integers
+                # (any difference fails: it is at least 1 in at most 50).
                 row.update(compare(ours[key], _nhwc(ref[key], ref_file), dtype,
-                                   same_dtype=not key.startswith("scheduler/")))
+                                   same_dtype=not key.startswith("scheduler/") and not key.endswith("/start_steps")))
                 rows.append(row)
     return rows
 

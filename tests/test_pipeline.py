@@ -135,6 +135,20 @@ def test_start_step(steps, strength, start):
     assert pipeline.start_step(steps, strength) == start
 
 
+@pytest.mark.parametrize("prefix", ["i2i", "inpaint"])
+@pytest.mark.parametrize("reference,convention", [("keras_float32.npz", "keras"), ("diffusers_float32.npz", "diffusers")])
+def test_start_steps_follow_each_frameworks_own_code(prefix, reference, convention):
+    # golden tables from KerasHub's generate() and diffusers' get_timesteps over a grid with the float ties
+    constants = json.loads((SET / "manifest.json").read_text())["constants"]
+    table = verify.load_npz(SET / reference)[f"{prefix}/start_steps"]
+    ours = [[pipeline.start_step(n, s, convention) for s in constants["START_STEPS_STRENGTH"]]
+            for n in constants["START_STEPS_N"]]
+    np.testing.assert_array_equal(ours, table)
+    # the two frameworks really differ on the grid (strength 0.8 at N = 10: KerasHub 1, diffusers 2)
+    n, s = constants["START_STEPS_N"].index(10), constants["START_STEPS_STRENGTH"].index(0.8)
+    assert table[n, s] == {"keras": 1, "diffusers": 2}[convention]
+
+
 def test_to_uint8_roundings():
     # (x + 1)/2·255 = 127.5 exactly at x = 0/255 shifted: x = 2·127.5/255 − 1 = 0.
     x = np.array([-2.0, -1.0, 0.0, 2 * 128.5 / 255 - 1, 0.999, 1.0, 3.0], np.float64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,19 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         load_weights(bad)
     with pytest.raises(WeightsError, match="no such file"):
         load_weights(tmp_path / "missing.safetensors")
+
+
+@needs_golden
+def test_a_vae_without_a_latent_shift_is_a_clear_error(tmp_path):
+    # diffusers' AutoencoderKL defaults shift_factor to null (SD1-style VAEs); SD3 latents need the shift
+    folder = tmp_path / "pipe"
+    shutil.copytree(GOLDEN / "sd3" / "diffusers", folder)
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    vae_config["shift_factor"] = None
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(WeightsError, match="VAE shift None is not a number") as error:
+        load_weights(folder)
+    assert str(folder) in str(error.value)
 
 
 @needs_golden
