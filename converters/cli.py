@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -38,21 +39,38 @@ def reported(run, expected=()) -> int:
     ``expected`` exception types) becomes one ``error:`` line on stderr and status 1, Ctrl-C status 130; a
     closed stdout (``... | head``) ends quietly with status 0. Shared by the converters and ``sd3ref``."""
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
         status = run() or 0
         sys.stdout.flush()  # inside the try: a closed pipe shows up at the flush of buffered output
         return status
     except BrokenPipeError:  # the reader left; nothing to report, and no second error at exit's flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}; no output written", file=sys.stderr)
+        return 143 if terminated else 130
     except (ConversionError, FormatError, ConfigError, FileExistsError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:  # includes Pillow's UnidentifiedImageError
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler), raised like Ctrl-C so that every cleanup runs: no temporary file
+    is left behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def main(run) -> None:
@@ -103,7 +121,7 @@ def write_canonical(plan: Plan, output, dtype: str = "keep", force: bool = False
     for name, shape in plan.shapes.items():
         stored = plan.dtype(name)
         out_dtype = target or cast(np.zeros(0, stored), None).dtype
-        entries.append((name, shape, out_dtype, lambda n=name: cast(plan.read(n), target)))
+        entries.append((name, shape, out_dtype, lambda n=name: _cast(plan, n, target)))
     metadata = {
         "format": "pt",  # what torch-side safetensors readers look for
         "sd3ref.format": canonical.FORMAT,
@@ -117,12 +135,24 @@ def write_canonical(plan: Plan, output, dtype: str = "keep", force: bool = False
         metadata["sd3ref.dropped"] = ", ".join(sorted(plan.dropped))
     progress = Progress(sum(nbytes(s, d) for _, s, d, _ in entries), Path(output).name)
     try:
-        with atomic_output(Path(output), force) as tmp:
+        with atomic_output(Path(output), force, inputs=plan.files(),
+                           size=sum(nbytes(s, d) for _, s, d, _ in entries)) as tmp:
             with open(tmp, "wb") as f:
                 write_safetensors(f, entries, metadata, progress)
     finally:
         progress.close()
     return summarise("wrote canonical", [(n, s, d) for n, s, d, _ in entries], output)
+
+
+def _cast(plan: Plan, name: str, target) -> np.ndarray:
+    """One canonical tensor cast to ``target``; a finite value beyond the target's range (float16: 65504)
+    is an error naming the tensor, not a silent inf."""
+    with np.errstate(over="raise"):
+        try:
+            return cast(plan.read(name), target)
+        except FloatingPointError:
+            raise ConversionError(f"{plan.source}: tensor {name} has values beyond {dtype_name(target)}'s range; "
+                                  "keep the stored dtype or choose bfloat16") from None
 
 
 def report_dropped(plan: Plan) -> None:

@@ -18,9 +18,10 @@ import numpy as np
 from sd3ref import config as cfgmod
 
 from . import canonical, cli, keras_layout
-from .sources import Plan, config_from_file, open_safetensors
+from .sources import ConversionError, Plan, config_from_file, open_safetensors
 from .tensors import F8_E4M3, atomic_output, cast, dtype_name, write_h5_dataset
 
+PRESET_FILES = ("config.json", "model.weights.h5")  # what this command writes into the preset folder
 KERAS_DTYPE = {"float16": "float16", "float32": "float32", "float64": "float64", "bfloat16": "bfloat16",
                "float8_e4m3fn": "float16"}
 
@@ -71,8 +72,12 @@ def run(argv=None) -> None:
     a = p.parse_args(argv)
     plan = open_safetensors(a.source, config=config_from_file(a.config) if a.config else None)
     cli.report_dropped(plan)
-    keras_config = cfgmod.to_keras(plan.config, component_dtypes(plan))
-    with atomic_output(Path(a.output), a.force, is_dir=True) as tmp:
+    try:
+        keras_config = cfgmod.to_keras(plan.config, component_dtypes(plan))
+    except cfgmod.ConfigError as e:
+        raise ConversionError(f"{a.source}: {e}") from None
+    with atomic_output(Path(a.output), a.force, is_dir=True, inputs=plan.files(), writes=PRESET_FILES,
+                       size=plan.nbytes()) as tmp:
         (tmp / "config.json").write_text(json.dumps(keras_config, indent=4))
         written = write_h5(plan, tmp / "model.weights.h5")
     print(cli.summarise("wrote KerasHub preset", written, a.output))

@@ -63,6 +63,14 @@ class Plan:
     def components(self) -> list[str]:
         return canonical.present_components(self.config)
 
+    def files(self) -> set:
+        """The paths the plan reads: its source and every file holding one of its tensors."""
+        return {self.source} | {info.file for info, _, _ in self.catalog.tensors.values()}
+
+    def nbytes(self) -> int:
+        """Bytes of the canonical tensors in their stored dtypes."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * self.dtype(n).itemsize for n, shape in self.shapes.items())
+
 
 def _short(items: list, limit: int = 6) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
@@ -129,34 +137,38 @@ def config_from_file(path) -> SD3Config:
         if detect(path) == "diffusers":
             return cfgmod.from_diffusers(path)
         path = Path(path) / "config.json"
-    d = cfgmod._read_json(path)
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: not a config object")
-    return cfgmod.from_keras(d) if "class_name" in d or "mmdit_patch_size" in d else SD3Config.from_dict(d)
+    d = cfgmod._read_json(path)  # its errors name the path
+    try:
+        if not isinstance(d, dict):
+            raise ConfigError("not a config object")
+        return cfgmod.from_keras(d) if "class_name" in d or "mmdit_patch_size" in d else SD3Config.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a missing key, a null or a string for a number
+        raise ConfigError(f"{path}: bad config ({type(e).__name__}: {e})") from None
 
 
 def open_keras(path, config_path=None) -> Plan:
-    p = Path(path)
+    p, given = Path(path), config_path is not None
     if p.is_dir():
         config_path = config_path or p / "config.json"
         index = p / "model.weights.json"
         if (p / "model.weights.h5").is_file():
             files = [p / "model.weights.h5"]
         elif index.is_file():  # sharded: model_NNNNN.weights.h5 (Keras >= 3.10)
-            weight_map = cfgmod._read_json(index).get("weight_map", {})
-            names = {f for v in weight_map.values() for f in (v if isinstance(v, list) else [v])}
-            files = [p / n for n in sorted(names)]
+            files = [p / n for n in _weight_map_files(index)]
         else:
             raise ConversionError(f"{p}: no model.weights.h5 or model.weights.json")
     else:
         files = [p]
         config_path = config_path or p.parent / "config.json"
     if not Path(config_path).is_file():
-        raise ConversionError(f"{p}: no KerasHub config.json next to it (pass --config)")
+        raise ConversionError(f"{config_path}: no such config file" if given else
+                              f"{p}: no KerasHub config.json next to it (pass --config)")
     try:
         cfg = config_from_file(config_path)
     except ConfigError as e:
-        raise ConversionError(f"{config_path}: {e}") from None
+        raise ConversionError(str(e)) from None
     h5 = H5Weights([str(f) for f in files])
     catalog = Catalog()
     for name, info in h5.tensors.items():
@@ -164,11 +176,20 @@ def open_keras(path, config_path=None) -> Plan:
     return make_plan(str(p), "keras", cfg, catalog, keras_layout, keras_layout.KNOWN_EXTRAS.get)
 
 
+def _weight_map_files(index: Path) -> list[str]:
+    """The shard file names an index (``weight_map``: tensor -> file, or Keras' tensor -> [files]) refers to."""
+    d = cfgmod._read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for v in weight_map.values() for f in (v if isinstance(v, list) else [v])):
+        raise ConfigError(f"{index}: no weight_map object of tensor names to file names")
+    return sorted({f for v in weight_map.values() for f in (v if isinstance(v, list) else [v])})
+
+
 def _safetensors_group(folder: Path, stem: str) -> list[Path]:
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        weight_map = cfgmod._read_json(index).get("weight_map", {})
-        return [folder / n for n in sorted(set(weight_map.values()))]
+        return [folder / n for n in _weight_map_files(index)]
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
@@ -179,8 +200,8 @@ def open_diffusers(path) -> Plan:
     p = Path(path)
     try:
         cfg = cfgmod.from_diffusers(p)
-    except (ConfigError, KeyError) as e:
-        raise ConversionError(f"{p}: bad diffusers config ({e})") from None
+    except ConfigError as e:  # names the file
+        raise ConversionError(str(e)) from None
     catalog = Catalog()
     for comp in canonical.present_components(cfg):
         sub = diffusers_layout.SUBFOLDERS[comp]
@@ -236,4 +257,4 @@ def open_source(path, config=None, encoders: dict | None = None) -> Plan:
     except FormatError as e:
         raise ConversionError(str(e)) from None
     except ConfigError as e:
-        raise ConversionError(f"{path}: {e}") from None
+        raise ConversionError(str(e) if str(path) in str(e) else f"{path}: {e}") from None

@@ -8,6 +8,7 @@ mean. ``to_float32`` decodes them, ``cast`` converts between storage dtypes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -45,6 +46,11 @@ def st_tag(dtype: np.dtype) -> str:
         if dt == dtype:
             return tag
     raise FormatError(f"dtype {dtype} has no safetensors equivalent")
+
+
+def _is_count(v) -> bool:
+    """A non-negative JSON integer (not a bool, not a float)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _contiguous(a) -> np.ndarray:
@@ -126,23 +132,37 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: not a safetensors file (header is not JSON)") from None
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: not a safetensors file (header is not a JSON object)")
-        self.metadata = dict(header.pop("__metadata__", None) or {})
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise FormatError(f"{self.path}: bad header (__metadata__ is not an object of strings)")
+        self.metadata = metadata
         self._base = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         self._offsets = {}
-        end_max = 0
+        spans = []
         for name, h in header.items():
             try:
-                dtype, shape, (begin, end) = ST_DTYPES[h["dtype"]], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+                dtype, shape, (begin, end) = ST_DTYPES[h["dtype"]], tuple(h["shape"]), h["data_offsets"]
+                if not all(_is_count(v) for v in (*shape, begin, end)):
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise FormatError(f"{self.path}: bad header entry for tensor {name!r}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
                 raise FormatError(f"{self.path}: tensor {name!r} has inconsistent size in the header")
             self.tensors[name] = TensorInfo(shape, dtype, self.path)
             self._offsets[name] = begin
-            end_max = max(end_max, end)
-        if self._base + end_max > size:
-            raise FormatError(f"{self.path}: truncated ({size} bytes, header needs {self._base + end_max})")
+            spans.append((begin, end, name))
+        # As the safetensors library requires: the tensors tile the data exactly, no overlap, gap or tail.
+        data_end = 0
+        for begin, end, name in sorted(spans):
+            if begin != data_end:
+                what = "overlaps the tensor before it" if begin < data_end else f"leaves {begin - data_end} bytes unused before it"
+                raise FormatError(f"{self.path}: bad header (tensor {name!r} {what})")
+            data_end = end
+        if self._base + data_end > size:
+            raise FormatError(f"{self.path}: truncated ({size} bytes, header needs {self._base + data_end})")
+        if self._base + data_end < size:
+            raise FormatError(f"{self.path}: {size - self._base - data_end} bytes after the last tensor")
 
     def read(self, name: str) -> np.ndarray:
         info = self.tensors[name]
@@ -227,17 +247,41 @@ def write_h5_dataset(group, key: str, a: np.ndarray) -> None:
 # -- atomic output --------------------------------------------------------------------------------------
 
 @contextmanager
-def atomic_output(target: Path, force: bool, is_dir: bool = False):
-    """Yield a temporary path next to ``target``; rename it over ``target`` only if the body succeeds.
-    Any exception (KeyboardInterrupt included) removes the temporary file or folder."""
+def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), writes=(), size: int = 0):
+    """Yield a temporary path next to ``target``; move it over ``target`` only if the body succeeds.
+    Any exception (KeyboardInterrupt included) removes the temporary file or folder.
+
+    Refused before anything is written: an existing target without ``force``; a target that is one of
+    ``inputs`` or, for a folder, contains one; an existing folder holding anything but the names in
+    ``writes`` (so ``--force`` never deletes what the command does not make: the current folder, a preset's
+    tokenizer assets); a file where a folder goes or the reverse; a disk with less free space than ``size``
+    bytes and a margin (h5py crashes the process when a write fails for space). A replaced folder is moved
+    aside, then the new one moved in (the old one restored if that fails), then the old one deleted."""
     import shutil
 
     target = Path(target)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target}: already exists (use --force to overwrite)")
+    where = target.resolve()
+    for source in map(Path, inputs):
+        if source.resolve() == where or (is_dir and where in source.resolve().parents):
+            raise FileExistsError(f"{target}: the output would replace the input {source}")
+    if target.exists():
+        if not force:
+            raise FileExistsError(f"{target}: already exists (use --force to overwrite)")
+        if target.is_dir() != is_dir:
+            raise FileExistsError(f"{target}: exists and is {'not ' if is_dir else ''}a folder")
+        others = sorted(p.name for p in target.iterdir() if p.name not in writes) if is_dir else []
+        if others:
+            more = f" (+{len(others) - 4} more)" if len(others) > 4 else ""
+            raise FileExistsError(f"{target}: holds files this command does not write ({', '.join(others[:4])}{more}); "
+                                  "choose a new or empty folder")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{target}: folder {parent} does not exist")
+    needed = size + size // 100 + (16 << 20) if size else 0
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"not enough free space for {target.name} ({needed / 1e9:.2f} GB needed with a "
+                                    f"margin, {free / 1e9:.2f} GB free)", str(parent))
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     else:
@@ -249,12 +293,19 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False):
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make it private; a plain open would not
         yield tmp
-        if is_dir:
-            if target.exists():
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if not is_dir:
+            os.replace(tmp, target)
+        elif not target.exists():
             os.rename(tmp, target)
         else:
-            os.replace(tmp, target)
+            aside = tmp.with_name(tmp.name + ".old")
+            os.rename(target, aside)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if is_dir else tmp.unlink(missing_ok=True)
         raise

@@ -48,13 +48,16 @@ def _load_model(args):
     return load(args.weights, args.dtype, args.config, cache_gb=args.weight_cache_gb, encoders=encoders or None)
 
 
-def _writable(path: Path) -> None:
+def _writable(path: Path, args) -> None:
     from .pipeline import PipelineError
 
     parent = path.resolve().parent
     if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (
             path.exists() and not os.access(path, os.W_OK)):
         raise PipelineError(f"{path}: cannot write the output image there")
+    read = [getattr(args, a) for a in ("weights", "config", "clip_l", "clip_g", "t5", "init_image", "mask")]
+    if any(r and Path(r).resolve() == path.resolve() for r in read):
+        raise PipelineError(f"{path}: the output image would replace an input")
 
 
 def _generate(args) -> int:
@@ -64,7 +67,7 @@ def _generate(args) -> int:
     from . import pipeline
 
     output = Path(args.output)
-    _writable(output)  # before minutes of work, not after
+    _writable(output, args)  # before minutes of work, not after
     image = mask = None
     if args.init_image:
         image = _read_image(args.init_image, "RGB") * 2 - 1  # (H, W, 3) in [-1, 1]

@@ -10,12 +10,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
 class ConfigError(ValueError):
     """A configuration that cannot describe an SD3 model."""
+
+
+def _check_types(config) -> None:
+    """Every int field an integer, every float field a number: config files are JSON that anyone can edit,
+    and a string "3" or a null would otherwise surface as a TypeError deep inside a converter."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if kind == "int" and not (number and isinstance(value, numbers.Integral)):
+            raise ConfigError(f"{type(config).__name__}.{f.name} {value!r} is not an integer")
+        if kind == "float" and not number:
+            raise ConfigError(f"{type(config).__name__}.{f.name} {value!r} is not a number")
+        if kind == "tuple":
+            try:
+                object.__setattr__(config, f.name, tuple(_integer(v) for v in value or ()))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{type(config).__name__}.{f.name} {value!r} is not a list of integers") from None
+
+
+def _integer(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(v)
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,7 @@ class CLIPConfig:
     final_layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self):
+        _check_types(self)
         if self.intermediate_activation not in ("quick_gelu", "gelu"):
             raise ConfigError(f"CLIP intermediate_activation {self.intermediate_activation!r} is not quick_gelu or gelu")
         if self.hidden_dim % self.num_heads:
@@ -57,6 +82,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
 
     def __post_init__(self):
+        _check_types(self)
         if self.activation not in ("gelu_tanh", "gelu", "relu"):
             raise ConfigError(f"T5 activation {self.activation!r} is not gelu_tanh, gelu or relu")
 
@@ -76,15 +102,10 @@ class VAEConfig:
     norm_epsilon: float = 1e-6
 
     def __post_init__(self):
-        for name in ("encoder_num_filters", "encoder_num_blocks", "decoder_num_filters", "decoder_num_blocks"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        _check_types(self)  # a null shift_factor (diffusers' AutoencoderKL default, SD1-style VAEs) stops here
         for f in self.encoder_num_filters + self.decoder_num_filters:
             if f % self.num_groups:
                 raise ConfigError(f"VAE filter count {f} is not a multiple of {self.num_groups} GroupNorm groups")
-        for name in ("scale", "shift"):  # diffusers' AutoencoderKL defaults shift_factor to null (SD1-style VAEs)
-            if not isinstance(getattr(self, name), (int, float)):
-                raise ConfigError(f"VAE {name} {getattr(self, name)!r} is not a number: SD3 latents are "
-                                  f"(z - shift)·scale (0.0609, 1.5305 for SD3's VAE)")
 
     @property
     def latent_channels(self) -> int:
@@ -116,8 +137,7 @@ class SD3Config:
     t5: Optional[T5Config] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "mmdit_dual_attention_indices", tuple(int(i) for i in self.mmdit_dual_attention_indices or ()))
-        object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        _check_types(self)
         if self.mmdit_qk_norm not in (None, "rms_norm"):
             raise ConfigError(f"mmdit_qk_norm {self.mmdit_qk_norm!r} is not None or 'rms_norm'")
         if self.mmdit_hidden_dim % self.mmdit_num_heads:
@@ -308,31 +328,59 @@ def from_diffusers(folder) -> SD3Config:
     from pathlib import Path
 
     folder = Path(folder)
+    index = folder / "model_index.json"
+    listed = _read_json(index) if index.is_file() else {}
+    if not isinstance(listed, dict):
+        raise ConfigError(f"{index}: not a JSON object")
 
-    def sub(name):
-        path = folder / name / "config.json"
-        return _read_json(path) if path.is_file() else None
+    def sub(name, file="config.json"):
+        """A component's config; None when the pipeline has no such component. A component that
+        model_index.json lists, or whose folder holds weights, must have its config: without it its
+        weights would be silently left out."""
+        path = folder / name / file
+        if not path.is_file():
+            entry = listed.get(name)
+            weights = (folder / name).is_dir() and any((folder / name).glob("*.safetensors*"))
+            if weights or (isinstance(entry, list) and entry and entry[0] is not None):
+                raise ConfigError(f"{path}: missing (model_index.json or the folder's weights say the pipeline has {name})")
+            return None
+        c = _read_json(path)
+        if not isinstance(c, dict):
+            raise ConfigError(f"{path}: not a JSON object")
+        return c
 
-    tr, vae, te1, te2, te3, sched = (sub(n) for n in ("transformer", "vae", "text_encoder", "text_encoder_2",
-                                                       "text_encoder_3", "scheduler"))
-    sched = sched or {}
-    if tr is None:
-        raise ConfigError(f"{folder}: no transformer/config.json")
-    vae_cfg = vae_from_diffusers(vae) if vae else None
+    def parse(name, build, file="config.json"):
+        """build(config) naming the file on any error (a missing key, a null or a string where a number goes)."""
+        c = sub(name, file)
+        try:
+            return None if c is None else build(c)
+        except ConfigError as e:
+            raise ConfigError(f"{folder / name / file}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{folder / name / file}: bad config ({type(e).__name__}: {e})") from None
+
+    vae_cfg = parse("vae", vae_from_diffusers)
+    clip_l, clip_g, t5 = parse("text_encoder", clip_from_hf), parse("text_encoder_2", clip_from_hf), \
+        parse("text_encoder_3", t5_from_hf)
+    sched = parse("scheduler", dict, "scheduler_config.json") or {}  # diffusers' SchedulerMixin file name
     down = 2 ** (len(vae_cfg.encoder_num_filters) - 1) if vae_cfg else 8
-    size = tr.get("sample_size", 128) * down
-    return SD3Config(
-        mmdit_hidden_dim=tr["num_attention_heads"] * tr["attention_head_dim"],
-        mmdit_num_layers=tr["num_layers"], mmdit_num_heads=tr["num_attention_heads"],
-        mmdit_position_size=tr["pos_embed_max_size"], mmdit_patch_size=tr.get("patch_size", 2),
-        mmdit_qk_norm=tr.get("qk_norm"), mmdit_dual_attention_indices=tuple(tr.get("dual_attention_layers") or ()),
-        latent_channels=tr.get("in_channels", 16), output_channels=vae_cfg.output_channels if vae_cfg else 3,
-        num_train_timesteps=sched.get("num_train_timesteps", 1000), shift=sched.get("shift", 3.0),
-        mmdit_context_dim=tr.get("joint_attention_dim", 4096), mmdit_pooled_dim=tr.get("pooled_projection_dim", 2048),
-        image_shape=(size, size, 3), vae=vae_cfg,
-        clip_l=clip_from_hf(te1) if te1 else None, clip_g=clip_from_hf(te2) if te2 else None,
-        t5=t5_from_hf(te3) if te3 else None,
-    )
+
+    def backbone(tr):
+        return SD3Config(
+            mmdit_hidden_dim=tr["num_attention_heads"] * tr["attention_head_dim"],
+            mmdit_num_layers=tr["num_layers"], mmdit_num_heads=tr["num_attention_heads"],
+            mmdit_position_size=tr["pos_embed_max_size"], mmdit_patch_size=tr.get("patch_size", 2),
+            mmdit_qk_norm=tr.get("qk_norm"), mmdit_dual_attention_indices=tuple(tr.get("dual_attention_layers") or ()),
+            latent_channels=tr.get("in_channels", 16), output_channels=vae_cfg.output_channels if vae_cfg else 3,
+            num_train_timesteps=sched.get("num_train_timesteps", 1000), shift=sched.get("shift", 3.0),
+            mmdit_context_dim=tr.get("joint_attention_dim", 4096), mmdit_pooled_dim=tr.get("pooled_projection_dim", 2048),
+            image_shape=(tr.get("sample_size", 128) * down,) * 2 + (3,), vae=vae_cfg, clip_l=clip_l, clip_g=clip_g, t5=t5,
+        )
+
+    config = parse("transformer", backbone)
+    if config is None:
+        raise ConfigError(f"{folder}: no transformer/config.json")
+    return config
 
 
 # -- canonical safetensors ---------------------------------------------------------------------------------
@@ -340,7 +388,14 @@ def from_diffusers(folder) -> SD3Config:
 def from_metadata(meta: dict) -> Optional[SD3Config]:
     """The config a canonical file records in its ``__metadata__`` (None if it records none)."""
     text = (meta or {}).get("sd3ref.config")
-    return SD3Config.from_json(text) if text else None
+    if not text:
+        return None
+    try:
+        return SD3Config.from_json(text)
+    except ConfigError as e:
+        raise ConfigError(f"sd3ref.config metadata: {e}") from None
+    except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"sd3ref.config metadata is not an SD3Config ({type(e).__name__}: {e})") from None
 
 
 def _count(shapes: dict, pattern: str) -> int:

@@ -122,6 +122,8 @@ BAD = {
                   "the mask is 32x32, the image 48x48"),
     "init image": (lambda d, t: ["--init-image", str(d / "broken.png")], "broken.png"),
     "output": (lambda d, t: ["-o", str(t / "no/such/dir/x.png")], "cannot write"),
+    "output is an input": (lambda d, t: ["--init-image", str(d / "init.png"), "-o", str(d / "init.png")],
+                           "would replace an input"),
     "missing weights": (lambda d, t: ["--weights", str(t / "nothing.safetensors")], "no such file"),
     "stability without tokenizers": (lambda d, t: ["--weights", str(SET / "sai.safetensors"), "--config",
                                                    str(SET / "diffusers")], "--clip-l-tokenizer"),

@@ -354,6 +354,76 @@ def test_corrupt_safetensors_fail_cleanly(damage, tmp_path, capsys):
     no_leftovers(tmp_path, "in.safetensors")
 
 
+def _with_header(path, edit, tail=b""):
+    """Rewrite a safetensors file's JSON header with ``edit(header)``, data unchanged, ``tail`` appended."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = edit(json.loads(data[8:8 + n]))
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n:] + tail)
+
+
+@needs_golden
+@pytest.mark.parametrize("damage,words", [
+    # what the safetensors library itself rejects: overlapping or gapped offsets, trailing bytes, non-string metadata
+    (lambda h: {**h, MISSING: {**h[MISSING], "data_offsets": [0, h[MISSING]["data_offsets"][1] - h[MISSING]["data_offsets"][0]]}},
+     "overlaps"),
+    (lambda h: {**h, "__metadata__": {"sd3ref.config": {"not": "a string"}}}, "__metadata__"),
+    (lambda h: {**h, MISSING: {**h[MISSING], "data_offsets": [float(v) for v in h[MISSING]["data_offsets"]]}}, MISSING),
+    (lambda h: {**h, MISSING: {**h[MISSING], "data_offsets": [str(v) for v in h[MISSING]["data_offsets"]]}}, MISSING),
+    (lambda h: {**h, "__metadata__": {"sd3ref.config": "[1, 2]"}}, "sd3ref.config"),
+    (lambda h: {**h, "__metadata__": {"sd3ref.config": "{not json"}}, "sd3ref.config"),
+    (None, "bytes after the last tensor"),
+])
+def test_malformed_safetensors_headers_fail_cleanly(damage, words, tmp_path, capsys):
+    src = small_sai(tmp_path)
+    _with_header(src, damage or (lambda h: h), tail=b"" if damage else b"\0" * 8)
+    status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors"], capsys)
+    assert_error(status, err, src, words)
+    no_leftovers(tmp_path, "in.safetensors")
+
+
+@needs_golden
+@pytest.mark.parametrize("edit,words", [
+    (lambda c: c["config"].update(mmdit_num_layers="3"), "mmdit_num_layers '3' is not an integer"),
+    (lambda c: c["config"].update(mmdit_num_layers=None), "mmdit_num_layers None is not an integer"),
+    (lambda c: c["config"].pop("mmdit_num_layers"), "mmdit_num_layers"),
+    (lambda c: c.clear() or c.update(config=[]), "config.json"),
+])
+def test_malformed_keras_configs_fail_cleanly(edit, words, tmp_path, capsys):
+    preset = tmp_path / "preset"
+    shutil.copytree(GOLDEN / SETS[0] / "keras", preset)
+    config = json.loads((preset / "config.json").read_text())
+    edit(config)
+    (preset / "config.json").write_text(json.dumps(config))
+    status, _, err = run_cmd(keras_to_safetensors, [preset, "-o", tmp_path / "out.safetensors"], capsys)
+    assert_error(status, err, preset / "config.json", words)
+    assert err.count(str(preset / "config.json")) == 1
+    no_leftovers(tmp_path, "preset")
+
+
+@needs_golden
+def test_diffusers_components_are_never_dropped_silently_and_the_scheduler_is_read(tmp_path, capsys):
+    name = "sd3"
+    folder = tmp_path / "pipe"
+    shutil.copytree(GOLDEN / name / "diffusers", folder)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "shift": 5.0}))
+    assert open_source(folder).config.shift == 5.0
+    for component in ("text_encoder_3", "vae"):
+        config = folder / component / "config.json"
+        saved = config.read_bytes()
+        config.unlink()
+        status, _, err = run_cmd(diffusers_to_safetensors, [folder, "-o", tmp_path / "out.safetensors"], capsys)
+        assert_error(status, err, config, "missing")
+        config.write_bytes(saved)
+    (folder / "text_encoder" / "config.json").write_text("[]")
+    status, _, err = run_cmd(diffusers_to_safetensors, [folder, "-o", tmp_path / "out.safetensors"], capsys)
+    assert_error(status, err, folder / "text_encoder" / "config.json", "not a JSON object")
+    no_leftovers(tmp_path, "pipe")
+
+
 @needs_golden
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_h5_fails_cleanly(damage, tmp_path, capsys):
@@ -419,6 +489,89 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
                                                                            "close": lambda s: None})())
     status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors"], capsys)
     assert status == 130 and len(calls) == 5
+    no_leftovers(tmp_path, "in.safetensors")
+
+
+@needs_golden
+def test_force_never_deletes_what_the_command_does_not_write(tmp_path, capsys, monkeypatch):
+    canon = tmp_path / "canon.safetensors"
+    assert run_cmd(sai_to_safetensors, [small_sai(tmp_path), "-o", canon], capsys)[0] == 0
+    # a folder with other files (here: the current folder, holding the input) is refused, untouched
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    status, _, err = run_cmd(safetensors_to_keras, [canon, "-o", ".", "--force"], capsys)
+    assert_error(status, err, "the input")
+    status, _, err = run_cmd(safetensors_to_keras, [canon, "-o", tmp_path / "new", "--force"], capsys)
+    assert status == 0
+    (tmp_path / "new" / "tokenizer.json").write_text("{}")  # e.g. a full KerasHub preset's assets
+    status, _, err = run_cmd(safetensors_to_keras, [canon, "-o", tmp_path / "new", "--force"], capsys)
+    assert_error(status, err, "tokenizer.json", "does not write")
+    assert (tmp_path / "new" / "tokenizer.json").exists() and (tmp_path / "new" / "model.weights.h5").exists()
+    # the output may not be an input, not even for a file converter with --force
+    status, _, err = run_cmd(sai_to_safetensors, [canon, "-o", canon, "--force"], capsys)
+    assert_error(status, err, "would replace the input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before + ["new"]
+
+
+@needs_golden
+def test_a_replaced_folder_survives_a_failed_move(tmp_path, capsys, monkeypatch):
+    canon = tmp_path / "canon.safetensors"
+    run_cmd(sai_to_safetensors, [small_sai(tmp_path), "-o", canon], capsys)
+    preset = tmp_path / "preset"
+    run_cmd(safetensors_to_keras, [canon, "-o", preset], capsys)
+    old = {p.name: p.read_bytes() for p in preset.iterdir()}
+    rename = os.rename
+
+    def failing(src, dst):  # moving the old folder aside works, moving the new one in does not
+        if Path(src).name.endswith(".tmp"):
+            raise OSError(28, "No space left on device", str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    status, _, err = run_cmd(safetensors_to_keras, [canon, "-o", preset, "--force"], capsys)
+    assert_error(status, err, "No space left")
+    assert {p.name: p.read_bytes() for p in preset.iterdir()} == old
+    no_leftovers(tmp_path, "canon.safetensors", "in.safetensors", "preset")
+
+
+@needs_golden
+def test_too_little_disk_space_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    src = small_sai(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors"], capsys)
+    assert_error(status, err, str(tmp_path), "not enough free space")
+    no_leftovers(tmp_path, "in.safetensors")
+
+
+@needs_golden
+def test_sigterm_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import signal
+
+    src = small_sai(tmp_path)
+    calls = []
+
+    def terminate(nbytes):
+        calls.append(nbytes)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "Progress", lambda total, label: type("P", (), {"__call__": lambda s, n: terminate(n),
+                                                                           "close": lambda s: None})())
+    status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors"], capsys)
+    assert status == 143 and "terminated" in err
+    no_leftovers(tmp_path, "in.safetensors")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+@needs_golden
+def test_a_cast_that_overflows_names_the_tensor(tmp_path, capsys):
+    src = small_sai(tmp_path, lambda t: {**t, MISSING: np.full(t[MISSING].shape, 1e6, np.float32)})
+    status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors", "--dtype", "float16"], capsys)
+    assert_error(status, err, src, MISSING, "float16's range")
     no_leftovers(tmp_path, "in.safetensors")
 
 

@@ -123,7 +123,7 @@ def test_a_vae_without_a_latent_shift_is_a_clear_error(tmp_path):
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     vae_config["shift_factor"] = None
     (folder / "vae" / "config.json").write_text(json.dumps(vae_config))
-    with pytest.raises(WeightsError, match="VAE shift None is not a number") as error:
+    with pytest.raises(WeightsError, match="VAEConfig.shift None is not a number") as error:
         load_weights(folder)
     assert str(folder) in str(error.value)
 
