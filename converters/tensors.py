@@ -282,12 +282,15 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
     if free < needed:
         raise OSError(errno.ENOSPC, f"not enough free space for {target.name} ({needed / 1e9:.2f} GB needed with a "
                                     f"margin, {free / 1e9:.2f} GB free)", str(parent))
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:  # named after the output, not the temporary name that was never made
+        raise OSError(e.errno, e.strerror, str(target)) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
