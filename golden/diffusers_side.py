@@ -238,6 +238,7 @@ def _run(pipe, spec: dict, inputs: dict, dtype, t5_length: int) -> dict:
     out.update(_t2i(pipe, spec, inputs, dtype, t5_length))
     out.update(_i2i(pipe, spec, inputs, dtype, t5_length, inpaint=False))
     out.update(_i2i(pipe, spec, inputs, dtype, t5_length, inpaint=True))
+    out.update(_i2i(pipe, spec, inputs, dtype, t5_length, inpaint=True, mask="inpaint/pixel_mask"))
     out.update(_start_steps(pipe))
     return out
 
@@ -297,8 +298,8 @@ def _t2i(pipe, spec, inputs, dtype, t5_length) -> dict:
     return rec.close(images)
 
 
-def _i2i(pipe, spec, inputs, dtype, t5_length, inpaint: bool) -> dict:
-    prefix = "inpaint" if inpaint else "i2i"
+def _i2i(pipe, spec, inputs, dtype, t5_length, inpaint: bool, mask="inpaint/mask") -> dict:
+    prefix = ("inpaint" if mask == "inpaint/mask" else "inpaint_px") if inpaint else "i2i"
     cls, module = ((StableDiffusion3InpaintPipeline, inpaint_module) if inpaint
                    else (StableDiffusion3Img2ImgPipeline, img2img_module))
     task = cls(**pipe.components)
@@ -307,7 +308,7 @@ def _i2i(pipe, spec, inputs, dtype, t5_length, inpaint: bool) -> dict:
     kwargs = dict(image=image, strength=S.I2I_STRENGTH, num_inference_steps=S.I2I_STEPS,
                   **_common_args(spec, rec, t5_length))
     if inpaint:
-        kwargs["mask_image"] = torch.from_numpy(inputs["inpaint/mask"][:, None]).to(dtype)
+        kwargs["mask_image"] = torch.from_numpy(inputs[mask][:, None]).to(dtype)
     # SD3 inpaint also encodes the masked image (used only by 33-channel inpainting transformers):
     # a second VAE sample, which does not reach the output.
     vae_eps = [nchw(inputs["i2i/vae_eps"], dtype)] * (2 if inpaint else 1)

@@ -31,6 +31,10 @@ KNOWN_DIFFERENCES = {
                        "omits + shift_factor (KerasHub, Stability and diffusers' text-to-image and image-to-image "
                        "pipelines add it); the final inpaint latents agree",
     "inpaint/image_uint8": "follows inpaint/decoded",
+    "inpaint_px/latents_3": "a per-pixel mask: KerasHub binarises > 0.5 and samples each 8×8 cell's centre pixel, "
+                            "diffusers binarises ≥ 0.5 and samples its top-left pixel (torch's nearest interpolate)",
+    "inpaint_px/decoded": "follows inpaint_px/latents_3, and the decode shift of inpaint/decoded",
+    "inpaint_px/image_uint8": "follows inpaint_px/decoded",
     "i2i/start_steps": "KerasHub takes int(N·(1 − strength)), diffusers int(N − min(N·strength, N)): one step apart "
                        "at float ties (strength 0.8 with N a multiple of 5, 0.9 with N a multiple of 10)",
     "inpaint/start_steps": "as i2i/start_steps",
@@ -74,6 +78,11 @@ def make_inputs(spec: dict) -> dict:
         "i2i/vae_eps": normal(b, h, w, 16),
         "i2i/noise": normal(b, h, w, 16),
         "inpaint/mask": np.repeat(np.repeat(blocks, 8, axis=1), 8, axis=2),
+        # Per pixel, in eighths (so some values are exactly 0.5): here the frameworks' mask conventions
+        # differ (KerasHub > 0.5 at each cell's centre, diffusers ≥ 0.5 at its top-left pixel). A separate
+        # generator, so that the inputs above stay as they were.
+        "inpaint/pixel_mask": (np.random.default_rng(spec["seed"] + 1).integers(0, 9, (b, height, width)) / 8
+                               ).astype(np.float32),
     }
 
 

@@ -407,17 +407,17 @@ def run(backbone, preprocessor, spec: dict, inputs: dict) -> dict:
     # outside; the final latents are, as the argument of decode_step.
     original_decode = backbone.decode_step
     steps_run = S.I2I_STEPS - int(S.I2I_STEPS * (1 - S.I2I_STRENGTH))
+    for prefix, mask in (("inpaint", "inpaint/mask"), ("inpaint_px", "inpaint/pixel_mask")):
+        def recording_decode(latents, prefix=prefix):
+            out[f"{prefix}/latents_{steps_run}"] = _np(latents)
+            return original_decode(latents)
 
-    def recording_decode(latents):
-        out[f"inpaint/latents_{steps_run}"] = _np(latents)
-        return original_decode(latents)
-
-    backbone.decode_step = recording_decode
-    with injected_normal([inputs["i2i/vae_eps"]]):
-        decoded = inpaint.generate_step(inputs["i2i/image"], inputs["inpaint/mask"], inputs["i2i/noise"],
-                                        token_pair, start, i2i_steps, guidance)
-    del backbone.decode_step
-    _finish(out, inpaint, "inpaint", decoded)
+        backbone.decode_step = recording_decode
+        with injected_normal([inputs["i2i/vae_eps"]]):
+            decoded = inpaint.generate_step(inputs["i2i/image"], inputs[mask], inputs["i2i/noise"],
+                                            token_pair, start, i2i_steps, guidance)
+        del backbone.decode_step
+        _finish(out, inpaint, prefix, decoded)
     out.update(_start_steps(i2i, inpaint, inputs))
     return out
 

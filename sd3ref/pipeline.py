@@ -209,14 +209,21 @@ def decode(model: Model, latents, shift=True):
     return model.vae_decode(z)
 
 
-def latent_mask(mask, latent_shape):
-    """Image mask (B, H, W), > 0.5 = repaint → bool (B, h, w, 1), nearest-resized with pixel centres
-    (KerasHub's); masks constant on 8×8 blocks give the same grid under torch's floor convention."""
-    mask = np.asarray(mask) > 0.5
+def latent_mask(mask, latent_shape, convention="keras"):
+    """Image mask (B, H, W) → bool (B, h, w, 1), True = repaint, as each framework makes it:
+    ``keras``      > 0.5, then a nearest resize that samples each cell's centre pixel (KerasHub);
+    ``diffusers``  ≥ 0.5 (VaeImageProcessor.binarize), then torch's nearest interpolate, which samples each
+                   cell's top-left pixel.
+    Masks constant on 8×8 blocks with no value of exactly 0.5 give the same grid either way."""
+    mask = np.asarray(mask)
     B, H, W = mask.shape
     h, w = latent_shape
-    rows = ((np.arange(h) + 0.5) * H / h).astype(int)
-    cols = ((np.arange(w) + 0.5) * W / w).astype(int)
+    if convention == "diffusers":
+        mask = mask >= 0.5
+        rows, cols = np.arange(h) * H // h, np.arange(w) * W // w
+    else:
+        mask = mask > 0.5
+        rows, cols = ((np.arange(h) + 0.5) * H / h).astype(int), ((np.arange(w) + 0.5) * W / w).astype(int)
     return mask[:, rows][:, :, cols][..., None]
 
 
@@ -244,7 +251,7 @@ def inpaint(model: Model, cond: Conditioning, image, mask, noise, steps: int, st
     image_latents = encode_image(model, image, vae_eps)
     noise = np.asarray(noise, model.dtype)
     x = scheduler.add_noise(image_latents, noise, sigmas[start])
-    keep = (latent_mask(mask, x.shape[1:3]), image_latents, noise)
+    keep = (latent_mask(mask, x.shape[1:3], convention), image_latents, noise)
     x = denoise(model, x, cond, sigmas, guidance, start, keep, on_step)
     return decode(model, x, shift=convention != "diffusers")
 

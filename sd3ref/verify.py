@@ -169,6 +169,9 @@ def pipeline_outputs(model: Model, inputs: dict, ref: dict, convention: str, con
                strength=constants["I2I_STRENGTH"], guidance=g, vae_eps=inputs["i2i/vae_eps"], convention=convention)
     stage("i2i", lambda rec: pipeline.image_to_image(model, cond, **i2i, on_step=rec))
     stage("inpaint", lambda rec: pipeline.inpaint(model, cond, mask=inputs["inpaint/mask"], **i2i, on_step=rec))
+    if "inpaint/pixel_mask" in inputs:  # a mask not constant on 8×8 blocks: the frameworks' mask conventions
+        stage("inpaint_px", lambda rec: pipeline.inpaint(model, cond, mask=inputs["inpaint/pixel_mask"], **i2i,
+                                                         on_step=rec))
     # Both tasks' first step over a grid of step counts and strengths, as each framework's own code computes it.
     table = np.array([[pipeline.start_step(n, s, convention) for s in constants["START_STEPS_STRENGTH"]]
                       for n in constants["START_STEPS_N"]])

@@ -123,11 +123,15 @@ def test_inpaint_keeps_the_image_latents_outside_the_mask(keras32, inputs, token
     assert len(last) == 4 - pipeline.start_step(4, 0.6) == 3
 
 
-def test_latent_mask_samples_pixel_centres():
+def test_latent_mask_samples_pixel_centres_or_top_left_pixels():
     mask = np.zeros((1, 16, 16))
-    mask[0, 4, 12] = 1  # pixel (4, 12) is the centre sample of latent cell (0, 1) on an 8x8 grid
+    mask[0, 4, 12] = 1  # pixel (4, 12) is the centre sample of latent cell (0, 1) on an 8x8 grid (KerasHub)
+    mask[0, 8, 0] = 1  # pixel (8, 0) is the top-left sample of cell (1, 0) (torch's nearest, diffusers)
     np.testing.assert_array_equal(pipeline.latent_mask(mask, (2, 2))[0, ..., 0], [[False, True], [False, False]])
-    np.testing.assert_array_equal(pipeline.latent_mask(mask * 0.5, (2, 2)), False)  # > 0.5, not ≥
+    np.testing.assert_array_equal(pipeline.latent_mask(mask, (2, 2), "diffusers")[0, ..., 0],
+                                  [[False, False], [True, False]])
+    np.testing.assert_array_equal(pipeline.latent_mask(mask * 0.5, (2, 2)), False)  # KerasHub: > 0.5
+    np.testing.assert_array_equal(pipeline.latent_mask(mask * 0.5, (2, 2), "diffusers")[0, 1, 0], True)  # ≥ 0.5
 
 
 @pytest.mark.parametrize("steps,strength,start", [(4, 0.6, 1), (28, 0.8, 5), (10, 1.0, 0), (10, 0.0, 10), (3, 0.5, 1)])
