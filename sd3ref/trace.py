@@ -70,11 +70,16 @@ def tracing(path=None, metadata: dict | None = None):
 
 def save(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write a trace (name -> array) as safetensors, keeping the order of ``tensors`` in the metadata."""
+    from pathlib import Path
+
     from safetensors.numpy import save_file
+
+    from converters.tensors import atomic_output
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta = {META_KEY: json.dumps({"order": list(tensors), **meta})}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=meta)
+    with atomic_output(Path(path), force=True) as tmp:  # never a half-written trace
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def load(path) -> tuple[dict, dict]:
