@@ -84,9 +84,6 @@ def _generate(args) -> int:
     use_t5 = not args.no_t5 and model.config.t5 is not None
     tokenizers = pipeline.load_tokenizers(args.weights, args.convention, args.clip_l_tokenizer,
                                           args.clip_g_tokenizer, args.t5_tokenizer)
-    if use_t5 and tokenizers.t5 is None:
-        raise pipeline.PipelineError(f"{args.weights}: no T5 tokenizer (spiece.model) found; pass --t5-tokenizer "
-                                     "or --no-t5")
     pipeline.check_tokenizers(tokenizers, model.config)
 
     def progress(stage, total):
@@ -95,7 +92,7 @@ def _generate(args) -> int:
     out = pipeline.generate(model, tokenizers, args.prompt, args.negative_prompt, height=height, width=width,
                             steps=args.steps, guidance=args.guidance, rng=np.random.default_rng(args.seed),
                             convention=args.convention, use_t5=use_t5, image=image, mask=mask,
-                            strength=args.strength, progress=progress)
+                            strength=args.strength, progress=progress, t5_length=args.t5_length)
     from converters.tensors import atomic_output
 
     with atomic_output(output, force=True) as tmp:  # never a half-written PNG (Ctrl-C, full disk)
@@ -149,6 +146,9 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name}-tokenizer", metavar="PATH",
                        help="tokenizer folder" + (" or SentencePiece file" if name == "t5" else ""))
     p.add_argument("--no-t5", action="store_true", help="run without T5 even if the weights hold it")
+    p.add_argument("--t5-length", type=int, metavar="N",
+                   help="T5 tokens (diffusers' max_sequence_length, also its zero tokens without T5); default: "
+                        "a KerasHub preset's T5Preprocessor length, else 256 (keras, diffusers) or max(77, n + 1) (sai)")
     p.add_argument("--init-image", help="image-to-image / inpainting input")
     p.add_argument("--strength", type=float, default=0.8)
     p.add_argument("--mask", help="inpainting mask, same size as the init image: white (> 0.5) = repaint")

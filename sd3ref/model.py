@@ -41,12 +41,13 @@ class Model:
             raise ValueError("this model has no T5 encoder")
         return t5.encode(_scope(self.weights, "t5"), self.config.t5, token_ids, self.dtype)
 
-    def condition(self, ids_l, ids_g, ids_t5=None, convention="keras"):
+    def condition(self, ids_l, ids_g, ids_t5=None, convention="keras", t5_length=None):
         """Token ids → (context, pooled) in the given convention (see ``conditioning``).
-        Without ``ids_t5`` (or without a T5 encoder) the convention's zero tokens stand in for T5."""
+        Without ``ids_t5`` (or without a T5 encoder) the convention's zero tokens stand in for T5
+        (``t5_length`` of them under diffusers: its max_sequence_length)."""
         t5_out = self.t5(ids_t5) if ids_t5 is not None and self.config.t5 is not None else None
         return conditioning.condition(self.clip_l(ids_l), self.clip_g(ids_g), t5_out, convention,
-                                      self.config.mmdit_context_dim)
+                                      self.config.mmdit_context_dim, t5_length)
 
     def mmdit(self, latents, timestep, context, pooled):
         """NHWC latents, timestep σ·1000 (B,) → NHWC velocity."""

@@ -27,9 +27,10 @@ from . import scheduler, trace, vae
 from .model import Model
 from .tokenizers import CLIPTokenizer, T5Tokenizer, TokenizerFileError
 
-# T5 token count per convention: KerasHub's T5Preprocessor (77 in the golden presets), diffusers'
+# Default T5 token count per convention: KerasHub's T5Preprocessor (sequence_length 256 unless the preset's
+# preprocessor.json says otherwise: ``Tokenizers.t5_length``; 77 in the golden presets), diffusers'
 # max_sequence_length, Stability's max(77, longest prompt + 1) (``T5Tokenizer.encode(length=None)``).
-T5_LENGTH = {"keras": 77, "diffusers": 256, "sai": None}
+T5_LENGTH = {"keras": 256, "diffusers": 256, "sai": None}
 ROUNDINGS = ("keras", "diffusers", "sai")
 
 
@@ -44,6 +45,7 @@ class Tokenizers:
     clip_l: CLIPTokenizer
     clip_g: CLIPTokenizer
     t5: Optional[T5Tokenizer] = None
+    t5_length: Optional[int] = None  # a KerasHub preset's T5Preprocessor sequence_length (the keras convention's)
 
 
 def _clip_g_options(convention):
@@ -83,7 +85,20 @@ def load_tokenizers(source=None, convention="keras", clip_l=None, clip_g=None, t
         raise TokenizerFileError(f"{t5}: no spiece.model or vocabulary.spm")
     return Tokenizers(CLIPTokenizer.from_dir(str(paths["clip_l"])),
                       CLIPTokenizer.from_dir(str(paths["clip_g"]), **_clip_g_options(convention)),
-                      T5Tokenizer.from_file(str(t5_file)) if t5_file else None)
+                      T5Tokenizer.from_file(str(t5_file)) if t5_file else None,
+                      _preset_t5_length(root / "preprocessor.json") if keras else None)
+
+
+def _preset_t5_length(path: Path) -> Optional[int]:
+    """The T5Preprocessor sequence_length a KerasHub preset's preprocessor.json records, if any."""
+    import json
+
+    try:
+        t5 = json.loads(path.read_text())["config"]["t5_preprocessor"]
+        length = t5["config"]["sequence_length"] if t5 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
 
 def check_tokenizers(tokenizers: Tokenizers, config) -> None:
@@ -100,15 +115,23 @@ def check_tokenizers(tokenizers: Tokenizers, config) -> None:
             raise PipelineError(f"the T5 tokenizer has {n} pieces but the T5 encoder embeds only {m}")
 
 
-def tokenize(tokenizers: Tokenizers, prompts, convention="keras", use_t5=True) -> dict:
-    """prompts (str or list) → {"clip_l": (B, 77), "clip_g": (B, 77)[, "t5": (B, L5)]} int32.
-    Long prompts are truncated with a warning (KerasHub truncates silently, diffusers warns)."""
+def t5_tokens(tokenizers: Tokenizers, convention="keras", t5_length=None) -> Optional[int]:
+    """The T5 token count: ``t5_length`` if given (diffusers' max_sequence_length), else under keras the
+    preset's T5Preprocessor length, else the convention's default (None: Stability's max(77, n + 1))."""
+    preset = tokenizers.t5_length if convention == "keras" else None
+    return t5_length or preset or T5_LENGTH[convention]
+
+
+def tokenize(tokenizers: Tokenizers, prompts, convention="keras", use_t5=True, t5_length=None) -> dict:
+    """prompts (str or list) → {"clip_l": (B, 77), "clip_g": (B, 77)[, "t5": (B, L5)]} int32, L5 from
+    ``t5_tokens``. Long prompts are truncated with a warning (KerasHub truncates silently, diffusers warns)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, cut = {}, {}
     ids["clip_l"], cut["CLIP-L"] = tokenizers.clip_l.encode(prompts, return_truncated=True)
     ids["clip_g"], cut["CLIP-G"] = tokenizers.clip_g.encode(prompts, return_truncated=True)
     if use_t5 and tokenizers.t5 is not None:
-        ids["t5"], cut["T5"] = tokenizers.t5.encode(prompts, T5_LENGTH[convention], return_truncated=True)
+        ids["t5"], cut["T5"] = tokenizers.t5.encode(prompts, t5_tokens(tokenizers, convention, t5_length),
+                                                    return_truncated=True)
     for row, prompt in enumerate(prompts):
         names = [f"{name} {ids['t5' if name == 'T5' else 'clip_l'].shape[1]}" for name in cut if cut[name][row]]
         if names:
@@ -127,12 +150,14 @@ class Conditioning:
     neg_pooled: Optional[np.ndarray] = None
 
 
-def encode_text(model: Model, ids: dict, neg_ids: Optional[dict] = None, convention="keras") -> Conditioning:
+def encode_text(model: Model, ids: dict, neg_ids: Optional[dict] = None, convention="keras",
+                t5_length=None) -> Conditioning:
     """Token ids (``tokenize``) of the prompts and, for guidance, of the negative prompts → Conditioning.
-    Without ``t5`` ids the convention's zero tokens stand in for T5. Prompts and negatives are encoded as
-    one batch [pos; neg] (KerasHub's order), one call per encoder."""
+    Without ``t5`` ids the convention's zero tokens stand in for T5 (under diffusers ``t5_length`` of them,
+    its max_sequence_length). Prompts and negatives are encoded as one batch [pos; neg] (KerasHub's order),
+    one call per encoder."""
     both = ids if neg_ids is None else {k: np.concatenate([ids[k], neg_ids[k]]) for k in ids}
-    context, pooled = model.condition(both["clip_l"], both["clip_g"], both.get("t5"), convention)
+    context, pooled = model.condition(both["clip_l"], both["clip_g"], both.get("t5"), convention, t5_length)
     if neg_ids is None:
         return Conditioning(context, pooled)
     B = len(ids["clip_l"])
@@ -306,14 +331,24 @@ class _Silent:
 
 def generate(model: Model, tokenizers: Tokenizers, prompts, negative_prompt="", *, height, width,
              steps=28, guidance=7.0, rng=None, convention="keras", use_t5=True, image=None, mask=None,
-             strength=0.8, progress=None):
+             strength=0.8, progress=None, t5_length=None):
     """Prompts → image (B, height, width, 3) in [-1, 1]: text-to-image, or image-to-image with ``image``
     (B or 1, height, width, 3) in [-1, 1], or inpainting with ``image`` and ``mask`` (B or 1, height, width).
+    ``negative_prompt``: one for all prompts or one per prompt. ``t5_length``: the T5 token count
+    (``t5_tokens``; diffusers' max_sequence_length, also its zero-token count without T5). A model with T5
+    needs a T5 tokenizer unless ``use_t5=False``: T5 is never left out silently.
     ``rng`` (default ``numpy.random.default_rng(0)``) draws, in this order, float32 standard normals: the
     initial latents (text-to-image) or the noise then the VAE ε (the others), each (B, h, w, C).
     ``progress(stage, total)`` (e.g. ``tqdm(desc=stage, total=total)``) gets one bar per stage —
     "text", "denoise", "decode" — each advanced by ``update()`` and ended by ``close()``."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    if use_t5 and model.config.t5 is not None and tokenizers.t5 is None:
+        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded (a SentencePiece spiece.model / "
+                            "vocabulary.spm: load_tokenizers(t5=...), --t5-tokenizer); or run without T5 "
+                            "(use_t5=False, --no-t5)")
     check_components(model)
     check_size(model, height, width)
     if steps < 1:
@@ -325,10 +360,10 @@ def generate(model: Model, tokenizers: Tokenizers, prompts, negative_prompt="", 
     rng = np.random.default_rng(0) if rng is None else rng
     progress = progress or (lambda stage, total: _Silent())
 
-    ids = tokenize(tokenizers, prompts, convention, use_t5)  # before the bars: it may warn
-    neg_ids = tokenize(tokenizers, [negative_prompt] * len(prompts), convention, use_t5) if guidance > 1 else None
+    ids = tokenize(tokenizers, prompts, convention, use_t5, t5_length)  # before the bars: it may warn
+    neg_ids = tokenize(tokenizers, negatives, convention, use_t5, t5_length) if guidance > 1 else None
     bar = progress("text", 1)
-    cond = encode_text(model, ids, neg_ids, convention)
+    cond = encode_text(model, ids, neg_ids, convention, t5_length)
     bar.update()
     bar.close()
 

@@ -196,3 +196,46 @@ def test_long_prompts_are_truncated_with_a_warning():
     with pytest.warns(UserWarning, match=r"truncated to the token limits \(CLIP-L 77, CLIP-G 77, T5 77\)"):
         ids = pipeline.tokenize(tok, "cat " * 100)
     assert ids["clip_l"].shape == (1, 77)
+
+
+def test_t5_length_follows_the_preset_the_convention_or_the_caller(tmp_path):
+    import shutil
+
+    tok = pipeline.load_tokenizers(SET / "keras")
+    assert tok.t5_length == 77  # the golden preset's T5Preprocessor, as KerasHub wrote it
+    assert pipeline.tokenize(tok, "x", "keras")["t5"].shape == (1, 77)
+    assert pipeline.tokenize(tok, "x", "diffusers")["t5"].shape == (1, 256)  # max_sequence_length's default
+    assert pipeline.tokenize(tok, "x", "diffusers", t5_length=300)["t5"].shape == (1, 300)
+    preset = tmp_path / "preset"
+    shutil.copytree(SET / "keras", preset)
+    config = json.loads((preset / "preprocessor.json").read_text())
+    config["config"]["t5_preprocessor"]["config"]["sequence_length"] = 256  # T5Preprocessor's own default
+    (preset / "preprocessor.json").write_text(json.dumps(config))
+    assert pipeline.tokenize(pipeline.load_tokenizers(preset), "x", "keras")["t5"].shape == (1, 256)
+
+
+def test_without_t5_diffusers_stands_in_max_sequence_length_zero_tokens():
+    no_t5 = verify.GOLDEN / "sd3_no_t5"
+    model = Model(*reversed(load_weights(no_t5 / "diffusers")), "float32")
+    tok = pipeline.load_tokenizers(no_t5 / "diffusers", "diffusers")
+    ids = pipeline.tokenize(tok, "x", "diffusers")
+    assert pipeline.encode_text(model, ids, convention="diffusers").context.shape[1] == 77 + 256
+    assert pipeline.encode_text(model, ids, convention="diffusers", t5_length=77).context.shape[1] == 77 + 77
+    assert pipeline.encode_text(model, ids, convention="keras", t5_length=300).context.shape[1] == 77 + 77
+
+
+def test_generate_never_leaves_t5_out_silently_and_takes_per_prompt_negatives(keras32):
+    # the golden diffusers folder holds tokenizer_3/tokenizer.json only, no SentencePiece model
+    tok = pipeline.load_tokenizers(SET / "diffusers", "diffusers")
+    assert tok.t5 is None and keras32.config.t5 is not None
+    with pytest.raises(pipeline.PipelineError, match="no T5 tokenizer"):
+        _generate(keras32, tok, "x", convention="diffusers")
+    assert _generate(keras32, tok, "x", convention="diffusers", use_t5=False).shape == (1, 48, 48, 3)
+    tok = pipeline.load_tokenizers(SET / "keras")
+    rng = lambda: np.random.default_rng(3)  # noqa: E731
+    listed = _generate(keras32, tok, ["a", "b"], negative_prompt=["x", "y"], rng=rng())
+    first = _generate(keras32, tok, ["a", "b"], negative_prompt="x", rng=rng())
+    np.testing.assert_array_equal(listed[0], first[0])  # the rows are independent: row 0 had "x" both times
+    assert np.abs(listed[1] - first[1]).max() > 1e-3
+    with pytest.raises(pipeline.PipelineError, match="1 negative prompts for 2 prompts"):
+        _generate(keras32, tok, ["a", "b"], negative_prompt=["x"])
