@@ -201,6 +201,9 @@ def _run(pipe, spec: dict, inputs: dict, dtype, t5_length: int) -> dict:
         out[f"{key}/intermediate"] = to_numpy(o.hidden_states[-2])
         out[f"{key}/sequence"] = to_numpy(o.last_hidden_state)
         out[f"{key}/pooled"] = to_numpy(o.text_embeds)
+        specials = (ids[key] == enc.config.eos_token_id) | (ids[key] == ids[key][:, :1])  # EOS and the start token
+        no_eos = torch.where(specials, S.NO_EOS_ID, ids[key])
+        out[f"{key}/pooled_without_eos"] = to_numpy(enc(no_eos).text_embeds)
     if pipe.text_encoder_3 is not None:
         t5_ids, neg_t5_ids = (pipe.tokenizer_3(texts, padding="max_length", max_length=t5_length, truncation=True,
                                                add_special_tokens=True, return_tensors="pt").input_ids
@@ -208,6 +211,11 @@ def _run(pipe, spec: dict, inputs: dict, dtype, t5_length: int) -> dict:
         out["tokens/t5"] = to_numpy(t5_ids).astype(np.int32)
         out["neg_tokens/t5"] = to_numpy(neg_t5_ids).astype(np.int32)
         out["t5/sequence"] = to_numpy(pipe.text_encoder_3(t5_ids)[0])
+        attention = type(pipe.text_encoder_3.encoder.block[0].layer[0].SelfAttention)
+        for n, d in S.T5_BUCKETS:  # the middle row of a (2d + 3)² table: distances -(d + 1) .. d + 1
+            rel = torch.arange(2 * d + 3)[None, :] - (d + 1)
+            out[f"t5/buckets_{n}_{d}"] = to_numpy(attention._relative_position_bucket(
+                rel, bidirectional=True, num_buckets=n, max_distance=d)[0]).astype(np.int32)
     ctx, neg_ctx, pooled, neg_pooled = pipe.encode_prompt(
         prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negatives,
         do_classifier_free_guidance=True, max_sequence_length=t5_length)

@@ -222,7 +222,8 @@ def generate_set(name: str, spec: dict, tok: dict) -> None:
         "spec": spec,
         "constants": {k: getattr(S, k) for k in ("NEGATIVE_PROMPT", "GUIDANCE", "T2I_STEPS", "I2I_STEPS",
                                                  "I2I_STRENGTH", "KERAS_T5_LENGTH", "DIFFUSERS_T5_LENGTH",
-                                                 "MMDIT_CONTEXT_TOKENS", "START_STEPS_N", "START_STEPS_STRENGTH")},
+                                                 "MMDIT_CONTEXT_TOKENS", "START_STEPS_N", "START_STEPS_STRENGTH",
+                                                 "NO_EOS_ID", "T5_BUCKETS")},
         "sources": {
             "keras": "keras/ — KerasHub preset (preprocessor.save_to_preset + backbone.save_to_preset) of a "
                      "backbone built with the stored dtypes of spec.storage; metadata.json date_saved fixed to "

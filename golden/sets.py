@@ -50,6 +50,13 @@ SCHEDULES = [(n, s) for n in (1, 2, 3, 4, 10, 28, 50) for s in (1.0, 3.0, 2.5)]
 # int(N·(1 - 0.8)) < N - N·0.8 for N a multiple of 5 (likewise 0.9, N a multiple of 10).
 START_STEPS_N = tuple(range(1, 13)) + (15, 20, 25, 28, 30, 50)
 START_STEPS_STRENGTH = (0.0, 0.2, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
+# CLIP rows without their EOS and start token (both replaced by this id, so the largest id is a prompt
+# token): transformers then pools at position 0 (the first EOS of a row that has none), KerasHub at that id.
+NO_EOS_ID = 5
+# T5 relative-position buckets (num_buckets, max_distance) from transformers' own function: the default and
+# pairs whose logarithmic bins hit exact logs (where a float64 computation lands one bucket higher).
+T5_BUCKETS = ((32, 128), (18, 128), (19, 128), (38, 16), (39, 16), (72, 32), (73, 32), (108, 64), (109, 64),
+              (72, 50), (73, 50), (33, 128), (64, 40))
 KERAS_T5_LENGTH = 77  # the `keras` convention: 77 CLIP + 77 T5 tokens
 DIFFUSERS_T5_LENGTH = 256  # diffusers' default max_sequence_length
 MMDIT_CONTEXT_TOKENS = 12  # any length works; small keeps the 4096-wide no-T5 input small

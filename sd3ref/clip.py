@@ -46,6 +46,8 @@ def encode(weights, config: CLIPConfig, token_ids, dtype="float32", name="clip")
     ids = np.asarray(token_ids)
     tm = nn.Scope(weights, "text_model.")
     L = ids.shape[1]
+    if L > config.max_sequence_length:
+        raise ValueError(f"{name}: {L} token ids, but the encoder has {config.max_sequence_length} positions")
 
     x = (np.asarray(tm["embeddings.token_embedding.weight"][ids], dtype)
          + np.asarray(tm["embeddings.position_embedding.weight"][:L], dtype))  # (B, L, D)
@@ -62,8 +64,10 @@ def encode(weights, config: CLIPConfig, token_ids, dtype="float32", name="clip")
     sequence = nn.layer_norm(x, tm["final_layer_norm.weight"], tm["final_layer_norm.bias"],
                              config.final_layer_norm_epsilon)
     # The EOS token (id 49407) is the largest id; argmax takes its first occurrence, so CLIP-L's
-    # EOS-padding does not move it.
-    eos = sequence[np.arange(ids.shape[0]), ids.argmax(-1)]  # (B, D)
+    # EOS-padding does not move it. transformers reads the first eos_token_id instead, unless its config
+    # has the legacy id 2 (CLIPConfig.eos_token_id): the same position except with added tokens above EOS.
+    at = ids.argmax(-1) if config.eos_token_id is None else (ids == config.eos_token_id).argmax(-1)
+    eos = sequence[np.arange(ids.shape[0]), at]  # (B, D)
     pooled = nn.linear(eos, weights["text_projection.weight"]) if "text_projection.weight" in weights else eos
     trace.record(name + ".final_layer_norm", sequence)
     trace.record(name + ".eos", eos)

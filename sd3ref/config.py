@@ -56,6 +56,10 @@ class CLIPConfig:
     layer_norm_epsilon: float = 1e-5
     # KerasHub's final LayerNorm uses 1e-6; HF / Stability use 1e-5. Only the pooled vector sees it.
     final_layer_norm_epsilon: float = 1e-5
+    # Where the pooled vector is read: None = the largest id of the row (KerasHub, Stability, and HF configs
+    # with the legacy eos_token_id 2); an id = its first occurrence, position 0 when absent (HF otherwise).
+    # The same position whenever the row's EOS is its largest id, as in the real CLIP vocabularies.
+    eos_token_id: Optional[int] = None
 
     def __post_init__(self):
         _check_types(self)
@@ -85,6 +89,10 @@ class T5Config:
         _check_types(self)
         if self.activation not in ("gelu_tanh", "gelu", "relu"):
             raise ConfigError(f"T5 activation {self.activation!r} is not gelu_tanh, gelu or relu")
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+            # the logarithmic bins would start past max_distance and index the bias table out of range
+            raise ConfigError(f"T5 relative_attention_max_distance {self.relative_attention_max_distance} must exceed "
+                              f"relative_attention_num_buckets // 4 = {self.relative_attention_num_buckets // 4}")
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,7 @@ def clip_from_hf(c: dict) -> CLIPConfig:
         intermediate_output_index=c["num_hidden_layers"] - 2,  # SD3 reads hidden_states[-2]
         max_sequence_length=c.get("max_position_embeddings", 77),
         layer_norm_epsilon=eps, final_layer_norm_epsilon=eps,
+        eos_token_id=None if c.get("eos_token_id", 2) == 2 else c["eos_token_id"],  # transformers' legacy rule
     )
 
 

@@ -18,16 +18,21 @@ def relative_position_buckets(length, num_buckets=32, max_distance=128):
 
     Half the buckets are for keys after the query. Within a half, distances below ``num_buckets // 4``
     get their own bucket; larger ones are binned logarithmically up to ``max_distance`` and the bin index
-    is truncated (``int``), as in Mesh TensorFlow. (Both frameworks take the log in float32; for
-    distances up to max_distance the truncated result is the same as in float64.)"""
+    is truncated (``int``), as in Mesh TensorFlow. transformers and KerasHub compute that bin in float32
+    (even in a float64 model), and so does this: in float64, 8 of 1,260 (num_buckets, max_distance) pairs
+    put an exact-log distance one bucket higher (e.g. 18 buckets, 128, at distances 8, 16 and 64; the
+    default 32 / 128 agrees at every distance). With NumPy's float32 log all 1,260 pairs up to 128 buckets
+    match torch's (measured here; a float32 log may differ in its last bit between libraries and CPUs, which
+    only matters where the exact value is a whole number)."""
     pos = np.arange(length)
     rel = pos[None, :] - pos[:, None]  # (Lq, Lk): key - query
     half = num_buckets // 2
     exact = half // 2
     n = np.abs(rel)
     # (the maximum keeps log away from 0 on the small branch, which the where discards)
-    large = exact + (np.log(np.maximum(n, exact) / exact) / math.log(max_distance / exact)
-                     * (half - exact)).astype(np.int64)
+    ratio = np.maximum(n, exact).astype(np.float32) / np.float32(exact)
+    large = exact + (np.log(ratio) / np.float32(math.log(max_distance / exact))
+                     * np.float32(half - exact)).astype(np.int64)
     large = np.minimum(large, half - 1)
     return (rel > 0) * half + np.where(n < exact, n, large)
 

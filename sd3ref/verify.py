@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conditioning, pipeline, scheduler, vae
+from . import conditioning, pipeline, scheduler, t5, vae
 from .config import from_diffusers
 from .model import Model
 
@@ -114,8 +114,18 @@ def outputs(model: Model, inputs: dict, ref: dict, convention: str, constants=No
         e = enc["tokens"]
         for name in ("clip_l", "clip_g"):
             out.update({f"{name}/{k}": e[name][k] for k in ("intermediate", "sequence", "pooled")})
+            eos = getattr(model.config, name).eos_token_id  # None: pooled at the largest id (KerasHub)
+            if f"{name}/pooled_without_eos" in ref and eos is not None and constants is not None:
+                ids = ref[f"tokens/{name}"]
+                encoder = model.clip_l if name == "clip_l" else model.clip_g
+                specials = (ids == eos) | (ids == ids[:, :1])  # EOS and the start token (golden/sets.py)
+                out[f"{name}/pooled_without_eos"] = encoder(np.where(specials, constants["NO_EOS_ID"], ids))["pooled"]
         if e["t5"] is not None:
             out["t5/sequence"] = e["t5"]
+    for key in ref:
+        if key.startswith("t5/buckets_"):  # the middle row of a (2d + 3)² table
+            n, d = map(int, key[len("t5/buckets_"):].split("_"))
+            out[key] = t5.relative_position_buckets(2 * d + 3, n, d)[d + 1]
     for kind, prefix in (("tokens", ""), ("neg_tokens", "neg_")):
         if kind not in enc:
             continue
@@ -210,7 +220,8 @@ def set_rows(set_dir, runs=RUNS) -> list[dict]:
                 # The schedule is float64 by design, whatever the compute dtype; start steps are integers
                 # (any difference fails: it is at least 1 in at most 50).
                 row.update(compare(ours[key], _nhwc(ref[key], ref_file), dtype,
-                                   same_dtype=not key.startswith("scheduler/") and not key.endswith("/start_steps")))
+                                   same_dtype=not key.startswith(("scheduler/", "t5/buckets_"))
+                                   and not key.endswith("/start_steps")))
                 rows.append(row)
     return rows
 
