@@ -201,12 +201,20 @@ def denoise(model: Model, latents, cond: Conditioning, sigmas, guidance, start=0
 # dtype of the training sigma table σ_min is read from. diffusers builds it in float32 and does the rest in
 # float64 (reproduced exactly); KerasHub and Stability compute the whole schedule in float32, which a float64
 # run cannot copy (both ≲ 1e-7 away from the float64 table).
-SIGMA_TABLE = {"keras": np.float64, "diffusers": np.float32, "sai": np.float64}
+SIGMA_TABLE = {"diffusers": np.float32, "sai": np.float64}
+
+
+def schedule_for(steps: int, shift: float, num_train_timesteps: int, convention="keras"):
+    """The N+1 sigmas of a convention, as float64: KerasHub's own float32 computation under ``keras``
+    (``scheduler.keras_sigmas``), the float64 schedule on the convention's σ table otherwise."""
+    if convention == "keras":
+        return scheduler.keras_sigmas(steps, shift, num_train_timesteps)
+    return scheduler.sigmas(steps, shift, num_train_timesteps, SIGMA_TABLE[convention])
 
 
 def schedule(model: Model, steps: int, convention="keras"):
-    """The N+1 sigmas, in float64."""
-    return scheduler.sigmas(steps, model.config.shift, model.config.num_train_timesteps, SIGMA_TABLE[convention])
+    """The N+1 sigmas of ``model``'s scheduler config (``schedule_for``)."""
+    return schedule_for(steps, model.config.shift, model.config.num_train_timesteps, convention)
 
 
 def start_step(steps: int, strength: float, convention="keras") -> int:

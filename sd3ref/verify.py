@@ -149,8 +149,7 @@ def outputs(model: Model, inputs: dict, ref: dict, convention: str, constants=No
     for key in ref:
         if key.startswith("scheduler/sigmas_"):
             n, shift = key[len("scheduler/sigmas_n"):].split("_shift")
-            s = scheduler.sigmas(int(n), float(shift), model.config.num_train_timesteps,
-                                 pipeline.SIGMA_TABLE[convention])
+            s = pipeline.schedule_for(int(n), float(shift), model.config.num_train_timesteps, convention)
             out[key] = s
             out[f"scheduler/timesteps_n{n}_shift{shift}"] = scheduler.timesteps(s, model.config.num_train_timesteps)
     return out

@@ -239,3 +239,15 @@ def test_generate_never_leaves_t5_out_silently_and_takes_per_prompt_negatives(ke
     assert np.abs(listed[1] - first[1]).max() > 1e-3
     with pytest.raises(pipeline.PipelineError, match="1 negative prompts for 2 prompts"):
         _generate(keras32, tok, ["a", "b"], negative_prompt=["x"])
+
+
+def test_keras_schedule_is_kerashubs_float32_computation_bit_for_bit():
+    # KerasHub's sigmas (golden keras file): a float32 timestep one step off moved image-to-image by 1.4e-5
+    ref = verify.load_npz(SET / "keras_float32.npz")
+    keys = [k for k in ref if k.startswith("scheduler/sigmas_")]
+    assert len(keys) >= 20
+    for key in keys:
+        n, shift = key[len("scheduler/sigmas_n"):].split("_shift")
+        ours = pipeline.schedule_for(int(n), float(shift), 1000, "keras")
+        np.testing.assert_array_equal(ours.astype(np.float32), ref[key], err_msg=key)
+        assert ours.dtype == np.float64 and np.array_equal(ours, ours.astype(np.float32))
