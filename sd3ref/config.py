@@ -108,9 +108,13 @@ class VAEConfig:
     shift: float = 0.0609
     num_groups: int = 32
     norm_epsilon: float = 1e-6
+    # KerasHub's VAEBackbone: "sample" draws mean + std·ε when encoding an image, "mode" takes the mean.
+    sampler_method: str = "sample"
 
     def __post_init__(self):
         _check_types(self)  # a null shift_factor (diffusers' AutoencoderKL default, SD1-style VAEs) stops here
+        if self.sampler_method not in ("sample", "mode"):
+            raise ConfigError(f"VAE sampler_method {self.sampler_method!r} is not 'sample' or 'mode'")
         for f in self.encoder_num_filters + self.decoder_num_filters:
             if f % self.num_groups:
                 raise ConfigError(f"VAE filter count {f} is not a multiple of {self.num_groups} GroupNorm groups")
@@ -245,7 +249,7 @@ def t5_from_keras(obj: Any) -> T5Config:
 def vae_from_keras(obj: Any) -> VAEConfig:
     c = _keras_inner(obj)
     keys = ("encoder_num_filters", "encoder_num_blocks", "decoder_num_filters", "decoder_num_blocks",
-            "input_channels", "sample_channels", "output_channels", "scale", "shift")
+            "input_channels", "sample_channels", "output_channels", "scale", "shift", "sampler_method")
     return VAEConfig(**{k: c[k] for k in keys if k in c})
 
 
@@ -537,7 +541,7 @@ def to_keras(cfg: SD3Config, dtypes: dict) -> dict:
     vae = _keras_object("keras_hub.src.models.vae.vae_backbone", "VAEBackbone", "VAEBackbone", dict(
         name="vae", encoder_num_filters=list(v.encoder_num_filters), encoder_num_blocks=list(v.encoder_num_blocks),
         decoder_num_filters=list(v.decoder_num_filters), decoder_num_blocks=list(v.decoder_num_blocks),
-        sampler_method="sample", input_channels=v.input_channels, sample_channels=v.sample_channels,
+        sampler_method=v.sampler_method, input_channels=v.input_channels, sample_channels=v.sample_channels,
         output_channels=v.output_channels, scale=v.scale, shift=v.shift), dtypes["vae"])
     t5 = None
     if cfg.t5 is not None:

@@ -229,9 +229,10 @@ def start_step(steps: int, strength: float, convention="keras") -> int:
 
 def encode_image(model: Model, image, vae_eps=None):
     """image (B, H, W, 3) in [-1, 1] → diffusion latents: a VAE posterior sample with the given ε, or the
-    mean when ``vae_eps`` is None."""
+    mean when ``vae_eps`` is None or the VAE's ``sampler_method`` is "mode" (a KerasHub setting)."""
     mean, logvar = model.vae_encode(image)
-    z = mean if vae_eps is None else vae.sample(mean, logvar, np.asarray(vae_eps, model.dtype))
+    take_mean = vae_eps is None or model.config.vae.sampler_method == "mode"  # KerasHub's "mode" VAE
+    z = mean if take_mean else vae.sample(mean, logvar, np.asarray(vae_eps, model.dtype))
     return vae.to_latent(z, model.config.vae)
 
 

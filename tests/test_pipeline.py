@@ -251,3 +251,19 @@ def test_keras_schedule_is_kerashubs_float32_computation_bit_for_bit():
         ours = pipeline.schedule_for(int(n), float(shift), 1000, "keras")
         np.testing.assert_array_equal(ours.astype(np.float32), ref[key], err_msg=key)
         assert ours.dtype == np.float64 and np.array_equal(ours, ours.astype(np.float32))
+
+
+def test_a_mode_vae_encodes_images_to_the_posterior_mean(keras32, inputs):
+    import dataclasses
+
+    from sd3ref import config as cfgmod
+
+    cfg = keras32.config
+    mode = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, sampler_method="mode"))
+    model = Model(mode, keras32.weights, "float32")
+    image, eps = inputs["i2i/image"], inputs["i2i/vae_eps"]
+    np.testing.assert_array_equal(pipeline.encode_image(model, image, eps), pipeline.encode_image(model, image))
+    assert np.abs(pipeline.encode_image(keras32, image, eps) - pipeline.encode_image(keras32, image)).max() > 1e-2
+    # KerasHub's VAEBackbone sampler_method survives the KerasHub config both ways
+    keras = cfgmod.to_keras(mode, {c: "float32" for c in ("mmdit", "vae", "clip_l", "clip_g", "t5")})
+    assert cfgmod.from_keras(keras).vae.sampler_method == "mode"
