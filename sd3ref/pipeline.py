@@ -25,7 +25,7 @@ import numpy as np
 
 from . import scheduler, trace, vae
 from .model import Model
-from .tokenizers import CLIPTokenizer, T5Tokenizer, TokenizerFileError
+from .tokenizers import CLIP_SEQUENCE_LENGTH, CLIPTokenizer, T5Tokenizer, TokenizerFileError
 
 # Default T5 token count per convention: KerasHub's T5Preprocessor (sequence_length 256 unless the preset's
 # preprocessor.json says otherwise: ``Tokenizers.t5_length``; 77 in the golden presets), diffusers'
@@ -109,6 +109,10 @@ def check_tokenizers(tokenizers: Tokenizers, config) -> None:
         n, m = len(getattr(tokenizers, name).vocab), getattr(config, name).vocabulary_size
         if n != m:
             raise PipelineError(f"the {name} tokenizer has {n} tokens but the {name} encoder embeds {m}")
+        positions = getattr(config, name).max_sequence_length
+        if positions < CLIP_SEQUENCE_LENGTH:  # a KerasHub preset may shorten its CLIPPreprocessor; SD3's never do
+            raise PipelineError(f"the {name} encoder has {positions} positions; sd3ref tokenizes CLIP prompts to "
+                                f"{CLIP_SEQUENCE_LENGTH} tokens")
     if tokenizers.t5 is not None and config.t5 is not None:
         n, m = tokenizers.t5.sp.get_piece_size(), config.t5.vocabulary_size
         if n > m:

@@ -267,3 +267,14 @@ def test_a_mode_vae_encodes_images_to_the_posterior_mean(keras32, inputs):
     # KerasHub's VAEBackbone sampler_method survives the KerasHub config both ways
     keras = cfgmod.to_keras(mode, {c: "float32" for c in ("mmdit", "vae", "clip_l", "clip_g", "t5")})
     assert cfgmod.from_keras(keras).vae.sampler_method == "mode"
+
+
+def test_clip_encoders_shorter_than_the_tokenizers_are_refused(keras32):
+    import dataclasses
+
+    cfg = keras32.config
+    short = dataclasses.replace(cfg, clip_l=dataclasses.replace(cfg.clip_l, max_sequence_length=32))
+    tok = pipeline.load_tokenizers(SET / "keras")
+    pipeline.check_tokenizers(tok, cfg)
+    with pytest.raises(pipeline.PipelineError, match="clip_l encoder has 32 positions"):
+        pipeline.check_tokenizers(tok, short)
