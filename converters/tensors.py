@@ -132,7 +132,7 @@ class SafetensorsFile:
             raise FormatError(f"{self.path}: not a safetensors file (header is not JSON)") from None
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: not a safetensors file (header is not a JSON object)")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", {})
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise FormatError(f"{self.path}: bad header (__metadata__ is not an object of strings)")
         self.metadata = metadata
@@ -252,7 +252,8 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
     Any exception (KeyboardInterrupt included) removes the temporary file or folder.
 
     Refused before anything is written: an existing target without ``force``; a target that is one of
-    ``inputs`` or, for a folder, contains one; an existing folder holding anything but the names in
+    ``inputs``, an existing file inside an input folder (its configs and indexes), or a folder containing an
+    input; an existing folder holding anything but the names in
     ``writes`` (so ``--force`` never deletes what the command does not make: the current folder, a preset's
     tokenizer assets); a file where a folder goes or the reverse; a disk with less free space than ``size``
     bytes and a margin (h5py crashes the process when a write fails for space). A replaced folder is moved
@@ -262,7 +263,8 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
     target = Path(target)
     where = target.resolve()
     for source in map(Path, inputs):
-        if source.resolve() == where or (is_dir and where in source.resolve().parents):
+        inside = source.is_dir() and target.exists() and source.resolve() in where.parents
+        if source.resolve() == where or inside or (is_dir and where in source.resolve().parents):
             raise FileExistsError(f"{target}: the output would replace the input {source}")
     if target.exists():
         if not force:
@@ -302,13 +304,14 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
             os.rename(tmp, target)
         else:
             aside = tmp.with_name(tmp.name + ".old")
-            os.rename(target, aside)
             try:
+                os.rename(target, aside)
                 os.rename(tmp, target)
-            except BaseException:
-                os.rename(aside, target)
+            except BaseException:  # an interrupt between the two renames included
+                if aside.exists() and not target.exists():
+                    os.rename(aside, target)
                 raise
-            shutil.rmtree(aside, ignore_errors=True)
+            shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if is_dir else tmp.unlink(missing_ok=True)
         raise

@@ -29,6 +29,13 @@ def _guarded(command, args) -> int:
         return reported(lambda: command(args), (PipelineError, TokenizerFileError))
 
 
+def _positive(text) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _read_image(path, mode, size=None):
     """A Pillow image file → float array in [0, 1], (H, W, 3) for RGB or (H, W) for a mask."""
     from PIL import Image
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name}-tokenizer", metavar="PATH",
                        help="tokenizer folder" + (" or SentencePiece file" if name == "t5" else ""))
     p.add_argument("--no-t5", action="store_true", help="run without T5 even if the weights hold it")
-    p.add_argument("--t5-length", type=int, metavar="N",
+    p.add_argument("--t5-length", type=_positive, metavar="N",
                    help="T5 tokens (diffusers' max_sequence_length, also its zero tokens without T5); default: "
                         "a KerasHub preset's T5Preprocessor length, else 256 (keras, diffusers) or max(77, n + 1) (sai)")
     p.add_argument("--init-image", help="image-to-image / inpainting input")

@@ -36,7 +36,7 @@ def condition(clip_l: dict, clip_g: dict, t5=None, convention="keras", context_d
         raise ValueError(f"CLIP features ({D}) are wider than the context ({context_dim})")
     lg = np.pad(lg, ((0, 0), (0, 0), (0, context_dim - D)))  # zero-pad features on the right
     if t5 is None:
-        zeros = t5_length if convention == "diffusers" and t5_length else MISSING_T5_TOKENS[convention]
+        zeros = t5_length if convention == "diffusers" and t5_length is not None else MISSING_T5_TOKENS[convention]
         t5 = np.zeros((B, zeros, context_dim), lg.dtype)
     context = np.concatenate([lg, np.asarray(t5, lg.dtype)], axis=1)
 

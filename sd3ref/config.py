@@ -29,6 +29,8 @@ def _check_types(config) -> None:
             raise ConfigError(f"{type(config).__name__}.{f.name} {value!r} is not an integer")
         if kind == "float" and not number:
             raise ConfigError(f"{type(config).__name__}.{f.name} {value!r} is not a number")
+        if kind == "Optional[int]" and value is not None and not (number and isinstance(value, numbers.Integral)):
+            raise ConfigError(f"{type(config).__name__}.{f.name} {value!r} is not an integer or null")
         if kind == "tuple":
             try:
                 object.__setattr__(config, f.name, tuple(_integer(v) for v in value or ()))
@@ -302,7 +304,8 @@ def clip_from_hf(c: dict) -> CLIPConfig:
         intermediate_output_index=c["num_hidden_layers"] - 2,  # SD3 reads hidden_states[-2]
         max_sequence_length=c.get("max_position_embeddings", 77),
         layer_norm_epsilon=eps, final_layer_norm_epsilon=eps,
-        eos_token_id=None if c.get("eos_token_id", 2) == 2 else c["eos_token_id"],  # transformers' legacy rule
+        # transformers: the legacy id 2 means argmax; a config without one takes CLIPTextConfig's 49407
+        eos_token_id=None if c.get("eos_token_id", 49407) == 2 else c.get("eos_token_id", 49407),
     )
 
 
@@ -341,21 +344,14 @@ def from_diffusers(folder) -> SD3Config:
     from pathlib import Path
 
     folder = Path(folder)
-    index = folder / "model_index.json"
-    listed = _read_json(index) if index.is_file() else {}
-    if not isinstance(listed, dict):
-        raise ConfigError(f"{index}: not a JSON object")
-
     def sub(name, file="config.json"):
-        """A component's config; None when the pipeline has no such component. A component that
-        model_index.json lists, or whose folder holds weights, must have its config: without it its
-        weights would be silently left out."""
+        """A component's config; None when the pipeline has no such component (no folder: leaving out
+        text_encoder_3/ is the usual way to run without T5, whatever model_index.json lists). A folder that
+        holds weights must have its config: without it they would be silently left out."""
         path = folder / name / file
         if not path.is_file():
-            entry = listed.get(name)
-            weights = (folder / name).is_dir() and any((folder / name).glob("*.safetensors*"))
-            if weights or (isinstance(entry, list) and entry and entry[0] is not None):
-                raise ConfigError(f"{path}: missing (model_index.json or the folder's weights say the pipeline has {name})")
+            if (folder / name).is_dir() and any((folder / name).glob("*.safetensors*")):
+                raise ConfigError(f"{path}: missing, but {folder / name} holds weights")
             return None
         c = _read_json(path)
         if not isinstance(c, dict):

@@ -16,6 +16,7 @@ framework's run, or a ``numpy.random.Generator`` to ``generate``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from .model import Model
 from .tokenizers import CLIP_SEQUENCE_LENGTH, CLIPTokenizer, T5Tokenizer, TokenizerFileError
 
 # Default T5 token count per convention: KerasHub's T5Preprocessor (sequence_length 256 unless the preset's
-# preprocessor.json says otherwise: ``Tokenizers.t5_length``; 77 in the golden presets), diffusers'
+# preprocessor.json says otherwise: ``Tokenizers.preset_t5_length``; 77 in the golden presets), diffusers'
 # max_sequence_length, Stability's max(77, longest prompt + 1) (``T5Tokenizer.encode(length=None)``).
 T5_LENGTH = {"keras": 256, "diffusers": 256, "sai": None}
 ROUNDINGS = ("keras", "diffusers", "sai")
@@ -45,7 +46,7 @@ class Tokenizers:
     clip_l: CLIPTokenizer
     clip_g: CLIPTokenizer
     t5: Optional[T5Tokenizer] = None
-    t5_length: Optional[int] = None  # a KerasHub preset's T5Preprocessor sequence_length (the keras convention's)
+    preset_t5_length: Optional[int] = None  # a KerasHub preset's T5Preprocessor sequence_length (the keras convention's)
 
 
 def _clip_g_options(convention):
@@ -122,8 +123,13 @@ def check_tokenizers(tokenizers: Tokenizers, config) -> None:
 def t5_tokens(tokenizers: Tokenizers, convention="keras", t5_length=None) -> Optional[int]:
     """The T5 token count: ``t5_length`` if given (diffusers' max_sequence_length), else under keras the
     preset's T5Preprocessor length, else the convention's default (None: Stability's max(77, n + 1))."""
-    preset = tokenizers.t5_length if convention == "keras" else None
-    return t5_length or preset or T5_LENGTH[convention]
+    if t5_length is not None:
+        if t5_length < 1:
+            raise PipelineError(f"t5_length must be at least 1, got {t5_length}")
+        return t5_length
+    if convention == "keras" and tokenizers.preset_t5_length is not None:
+        return tokenizers.preset_t5_length
+    return T5_LENGTH[convention]
 
 
 def tokenize(tokenizers: Tokenizers, prompts, convention="keras", use_t5=True, t5_length=None) -> dict:
@@ -202,18 +208,17 @@ def denoise(model: Model, latents, cond: Conditioning, sigmas, guidance, start=0
     return x
 
 
-# dtype of the training sigma table σ_min is read from. diffusers builds it in float32 and does the rest in
-# float64 (reproduced exactly); KerasHub and Stability compute the whole schedule in float32, which a float64
-# run cannot copy (both ≲ 1e-7 away from the float64 table).
-SIGMA_TABLE = {"diffusers": np.float32, "sai": np.float64}
+# How each convention builds its schedule: KerasHub's own float32 operations (reproduced bit for bit);
+# diffusers' float64 linspace on a float32 σ table (reproduced exactly); Stability's float32 torch schedule
+# is not reproduced: the float64 one (≲ 1e-7 away).
+SCHEDULES = {"keras": scheduler.keras_sigmas,
+             "diffusers": functools.partial(scheduler.sigmas, table_dtype=np.float32),
+             "sai": scheduler.sigmas}
 
 
 def schedule_for(steps: int, shift: float, num_train_timesteps: int, convention="keras"):
-    """The N+1 sigmas of a convention, as float64: KerasHub's own float32 computation under ``keras``
-    (``scheduler.keras_sigmas``), the float64 schedule on the convention's σ table otherwise."""
-    if convention == "keras":
-        return scheduler.keras_sigmas(steps, shift, num_train_timesteps)
-    return scheduler.sigmas(steps, shift, num_train_timesteps, SIGMA_TABLE[convention])
+    """The N+1 sigmas of a convention (``SCHEDULES``), as float64."""
+    return SCHEDULES[convention](steps, shift, num_train_timesteps)
 
 
 def schedule(model: Model, steps: int, convention="keras"):
@@ -223,9 +228,10 @@ def schedule(model: Model, steps: int, convention="keras"):
 
 def start_step(steps: int, strength: float, convention="keras") -> int:
     """The first step image-to-image and inpainting run. KerasHub and sd3_infer.py take int(N·(1 − strength)),
-    diffusers int(N − min(N·strength, N)). They differ where N·strength is a whole number but 1 − strength is
-    not exact: 1 − 0.8 = 0.19999999999999996, so at strength 0.8 (the usual default) and N a multiple of 5
-    KerasHub starts one step earlier (N = 10: step 1, diffusers step 2); likewise 0.9 with N a multiple of 10."""
+    diffusers int(N − min(N·strength, N)). They differ where N·(1 − strength) is a whole number that the
+    floating-point product lands just below: 1 − 0.8 = 0.19999999999999996, so at strength 0.8 (the usual
+    default) and N a multiple of 5 KerasHub starts one step earlier (N = 10: step 1, diffusers step 2);
+    likewise 0.9 with N a multiple of 10, and rarer pairs (0.3 at N = 90, 0.55 at 60, ...)."""
     if convention == "diffusers":
         return int(steps - min(steps * strength, steps))
     return int(steps * (1 - strength))

@@ -418,6 +418,8 @@ def test_diffusers_components_are_never_dropped_silently_and_the_scheduler_is_re
         status, _, err = run_cmd(diffusers_to_safetensors, [folder, "-o", tmp_path / "out.safetensors"], capsys)
         assert_error(status, err, config, "missing")
         config.write_bytes(saved)
+    shutil.rmtree(folder / "text_encoder_3")  # no folder: the usual way to run without T5
+    assert open_source(folder).config.t5 is None
     (folder / "text_encoder" / "config.json").write_text("[]")
     status, _, err = run_cmd(diffusers_to_safetensors, [folder, "-o", tmp_path / "out.safetensors"], capsys)
     assert_error(status, err, folder / "text_encoder" / "config.json", "not a JSON object")
@@ -507,8 +509,11 @@ def test_force_never_deletes_what_the_command_does_not_write(tmp_path, capsys, m
     status, _, err = run_cmd(safetensors_to_keras, [canon, "-o", tmp_path / "new", "--force"], capsys)
     assert_error(status, err, "tokenizer.json", "does not write")
     assert (tmp_path / "new" / "tokenizer.json").exists() and (tmp_path / "new" / "model.weights.h5").exists()
-    # the output may not be an input, not even for a file converter with --force
+    # the output may not be an input, not even for a file converter with --force, nor a file of an input folder
     status, _, err = run_cmd(sai_to_safetensors, [canon, "-o", canon, "--force"], capsys)
+    assert_error(status, err, "would replace the input")
+    status, _, err = run_cmd(keras_to_safetensors, [tmp_path / "new", "-o", tmp_path / "new" / "config.json",
+                                                    "--force"], capsys)
     assert_error(status, err, "would replace the input")
     assert sorted(p.name for p in tmp_path.iterdir()) == before + ["new"]
 
@@ -547,24 +552,28 @@ def test_too_little_disk_space_is_refused_up_front(tmp_path, capsys, monkeypatch
     no_leftovers(tmp_path, "in.safetensors")
 
 
-@needs_golden
-def test_sigterm_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import signal
+def test_sigterm_while_writing_leaves_nothing(tmp_path):
+    # in a child process: were the handler missing, SIGTERM would end the test run itself
+    import subprocess
+    import sys
 
-    src = small_sai(tmp_path)
-    calls = []
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+from converters import cli
+from converters.tensors import atomic_output
 
-    def terminate(nbytes):
-        calls.append(nbytes)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
+def run():
+    with atomic_output(Path({str(tmp_path / "out.safetensors")!r}), False) as tmp:
+        tmp.write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
 
-    monkeypatch.setattr(cli, "Progress", lambda total, label: type("P", (), {"__call__": lambda s, n: terminate(n),
-                                                                           "close": lambda s: None})())
-    status, _, err = run_cmd(sai_to_safetensors, [src, "-o", tmp_path / "out.safetensors"], capsys)
-    assert status == 143 and "terminated" in err
-    no_leftovers(tmp_path, "in.safetensors")
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+sys.exit(cli.reported(run))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and "terminated; no output written" in done.stderr, done.stderr
+    no_leftovers(tmp_path)
 
 
 @needs_golden

@@ -202,10 +202,12 @@ def test_t5_length_follows_the_preset_the_convention_or_the_caller(tmp_path):
     import shutil
 
     tok = pipeline.load_tokenizers(SET / "keras")
-    assert tok.t5_length == 77  # the golden preset's T5Preprocessor, as KerasHub wrote it
+    assert tok.preset_t5_length == 77  # the golden preset's T5Preprocessor, as KerasHub wrote it
     assert pipeline.tokenize(tok, "x", "keras")["t5"].shape == (1, 77)
     assert pipeline.tokenize(tok, "x", "diffusers")["t5"].shape == (1, 256)  # max_sequence_length's default
     assert pipeline.tokenize(tok, "x", "diffusers", t5_length=300)["t5"].shape == (1, 300)
+    with pytest.raises(pipeline.PipelineError, match="t5_length must be at least 1"):
+        pipeline.tokenize(tok, "x", "diffusers", t5_length=0)
     preset = tmp_path / "preset"
     shutil.copytree(SET / "keras", preset)
     config = json.loads((preset / "preprocessor.json").read_text())
@@ -278,3 +280,13 @@ def test_clip_encoders_shorter_than_the_tokenizers_are_refused(keras32):
     pipeline.check_tokenizers(tok, cfg)
     with pytest.raises(pipeline.PipelineError, match="clip_l encoder has 32 positions"):
         pipeline.check_tokenizers(tok, short)
+
+
+def test_generate_passes_the_t5_length_to_the_t5_encoder(keras32, monkeypatch):
+    tok = pipeline.load_tokenizers(SET / "keras")
+    seen = []
+    t5 = Model.t5
+    monkeypatch.setattr(Model, "t5", lambda self, ids: seen.append(np.shape(ids)) or t5(self, ids))
+    _generate(keras32, tok, "x", steps=1, t5_length=40)
+    _generate(keras32, tok, "x", steps=1)
+    assert [s[1] for s in seen] == [40, 77]  # the caller's length, then the golden preset's own
