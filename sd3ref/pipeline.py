@@ -94,10 +94,14 @@ def _preset_t5_length(path: Path) -> Optional[int]:
     """The T5Preprocessor sequence_length a KerasHub preset's preprocessor.json records, if any."""
     import json
 
+    if not path.is_file():
+        return None
     try:
-        t5 = json.loads(path.read_text())["config"]["t5_preprocessor"]
+        t5 = json.loads(path.read_text())["config"]["t5_preprocessor"]  # null in a preset without T5
         length = t5["config"]["sequence_length"] if t5 else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path}: no T5 sequence_length read ({type(e).__name__}: {e}); T5 prompts get "
+                      f"{T5_LENGTH['keras']} tokens", stacklevel=3)
         return None
     return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
