@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -233,6 +234,9 @@ def compare(theirs: dict, ours: dict, mapping: dict | None = None, rtol=None, at
                   if np.issubdtype(np.asarray(a).dtype, np.floating)}
         rtol = RTOL["float64"] if dtypes <= {np.dtype(np.float64)} else RTOL["float32"]
     layouts = (mapping or {}).get("layout", {})
+    bad = sorted({h for h in layouts.values() if h not in LAYOUTS})
+    if bad:
+        raise ValueError(f"unknown layout hint(s) {bad}; expected one of {LAYOUTS}")
     aligned, rows, first = {}, [], None
     for name, b in ours.items():
         row = {"name": name, "shape": list(np.shape(b))}
@@ -283,6 +287,9 @@ def format_report(result: dict) -> str:
                  f"{len(missing)} of ours not in theirs; {len(result['unmatched'])} of theirs unmatched"
                  + (f": {', '.join(result['unmatched'][:8])}" + (" ..." if len(result["unmatched"]) > 8 else "")
                     if result["unmatched"] else ""))
+    if len(result["unmatched"]) > result["compared"]:
+        lines.append(f"warning: most of theirs ({len(result['unmatched'])}) is unmatched: are the two files in the "
+                     "order THEIRS OURS, and is a --map needed for their names?")
     v = result["verdict"]
     if v is None:
         lines.append("no divergence" if result["compared"] else "nothing compared: check the names (--map)")
@@ -302,6 +309,10 @@ def main(args) -> int:
     if args.map:
         with open(args.map) as f:
             mapping = json.load(f)
-    result = compare(theirs, ours, mapping, args.rtol, args.atol)
+    try:
+        result = compare(theirs, ours, mapping, args.rtol, args.atol)
+    except ValueError as e:  # a map the comparison cannot use
+        print(f"error: {args.map}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=1) if args.json else format_report(result))
     return 0 if result["compared"] and result["verdict"] is None else 1

@@ -134,3 +134,16 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "theirs.safetensors"), str(tmp_path / "ours.safetensors"), "--json"]) == 1
     verdict = json.loads(capsys.readouterr().out)["verdict"]
     assert (verdict["first_divergent"], verdict["cause"]) == ("cond.context", "missing_t5")
+
+
+def test_unknown_layout_hints_and_mostly_unmatched_traces_are_reported(tmp_path, capsys):
+    run, ours = reference("sd3_no_t5")
+    trace.save(ours, tmp_path / "ours.safetensors")
+    (tmp_path / "map.json").write_text(json.dumps({"layout": {"vae.*": "NCHW"}}))
+    assert main(["compare", str(tmp_path / "ours.safetensors"), str(tmp_path / "ours.safetensors"),
+                 "--map", str(tmp_path / "map.json")]) == 1
+    assert "unknown layout hint(s) ['NCHW']" in capsys.readouterr().err
+    few = dict(list(ours.items())[:5])  # a trace that covers a few of theirs only
+    trace.save(few, tmp_path / "few.safetensors")
+    main(["compare", str(tmp_path / "ours.safetensors"), str(tmp_path / "few.safetensors")])
+    assert "warning: most of theirs" in capsys.readouterr().out
