@@ -369,9 +369,10 @@ def generate(model: Model, tokenizers: Tokenizers, prompts, negative_prompt="", 
     if len(negatives) != len(prompts):
         raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     if use_t5 and model.config.t5 is not None and tokenizers.t5 is None:
-        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded (a SentencePiece spiece.model / "
-                            "vocabulary.spm: load_tokenizers(t5=...), --t5-tokenizer); or run without T5 "
-                            "(use_t5=False, --no-t5)")
+        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded: pass a SentencePiece spiece.model / "
+                            "vocabulary.spm (load_tokenizers(t5=...), --t5-tokenizer; a diffusers folder saved by "
+                            "transformers ≥ 5 has only tokenizer_3/tokenizer.json, which sd3ref does not read), "
+                            "or run without T5 (use_t5=False, --no-t5)")
     check_components(model)
     check_size(model, height, width)
     if steps < 1:
