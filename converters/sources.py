@@ -137,15 +137,10 @@ def config_from_file(path) -> SD3Config:
         if detect(path) == "diffusers":
             return cfgmod.from_diffusers(path)
         path = Path(path) / "config.json"
-    d = cfgmod._read_json(path)  # its errors name the path
-    try:
-        if not isinstance(d, dict):
-            raise ConfigError("not a config object")
+    def build(d):
         return cfgmod.from_keras(d) if "class_name" in d or "mmdit_patch_size" in d else SD3Config.from_dict(d)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a missing key, a null or a string for a number
-        raise ConfigError(f"{path}: bad config ({type(e).__name__}: {e})") from None
+
+    return cfgmod.build_from_file(path, build, cfgmod._read_json(path))  # _read_json's errors name the path too
 
 
 def open_keras(path, config_path=None) -> Plan:

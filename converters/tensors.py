@@ -246,14 +246,24 @@ def write_h5_dataset(group, key: str, a: np.ndarray) -> None:
 
 # -- atomic output --------------------------------------------------------------------------------------
 
+def refuse_inputs(target: Path, inputs, is_dir: bool = False) -> None:
+    """FileExistsError when writing ``target`` would replace one of ``inputs``: the input itself, an existing
+    file inside an input folder (its configs and indexes), or, for a folder output, a folder holding one."""
+    target = Path(target)
+    where = target.resolve()
+    for source in map(Path, inputs):
+        inside = source.is_dir() and target.exists() and source.resolve() in where.parents
+        if source.resolve() == where or inside or (is_dir and where in source.resolve().parents):
+            raise FileExistsError(f"{target}: the output would replace the input {source}")
+
+
 @contextmanager
 def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), writes=(), size: int = 0):
     """Yield a temporary path next to ``target``; move it over ``target`` only if the body succeeds.
     Any exception (KeyboardInterrupt included) removes the temporary file or folder.
 
-    Refused before anything is written: an existing target without ``force``; a target that is one of
-    ``inputs``, an existing file inside an input folder (its configs and indexes), or a folder containing an
-    input; an existing folder holding anything but the names in
+    Refused before anything is written: an existing target without ``force``; a target that would replace
+    one of ``inputs`` (``refuse_inputs``); an existing folder holding anything but the names in
     ``writes`` (so ``--force`` never deletes what the command does not make: the current folder, a preset's
     tokenizer assets); a file where a folder goes or the reverse; a disk with less free space than ``size``
     bytes and a margin (h5py crashes the process when a write fails for space). A replaced folder is moved
@@ -261,11 +271,7 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
     import shutil
 
     target = Path(target)
-    where = target.resolve()
-    for source in map(Path, inputs):
-        inside = source.is_dir() and target.exists() and source.resolve() in where.parents
-        if source.resolve() == where or inside or (is_dir and where in source.resolve().parents):
-            raise FileExistsError(f"{target}: the output would replace the input {source}")
+    refuse_inputs(target, inputs, is_dir)
     if target.exists():
         if not force:
             raise FileExistsError(f"{target}: already exists (use --force to overwrite)")
@@ -279,9 +285,8 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{target}: folder {parent} does not exist")
-    needed = size + size // 100 + (16 << 20) if size else 0
-    free = shutil.disk_usage(parent).free
-    if free < needed:
+    needed, free = size + size // 100 + (16 << 20), shutil.disk_usage(parent).free if size else 0
+    if size and free < needed:
         raise OSError(errno.ENOSPC, f"not enough free space for {target.name} ({needed / 1e9:.2f} GB needed with a "
                                     f"margin, {free / 1e9:.2f} GB free)", str(parent))
     try:

@@ -62,9 +62,10 @@ def _writable(path: Path, args) -> None:
     if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (
             path.exists() and not os.access(path, os.W_OK)):
         raise PipelineError(f"{path}: cannot write the output image there")
+    from converters.tensors import refuse_inputs
+
     read = [getattr(args, a) for a in ("weights", "config", "clip_l", "clip_g", "t5", "init_image", "mask")]
-    if any(r and Path(r).resolve() == path.resolve() for r in read):
-        raise PipelineError(f"{path}: the output image would replace an input")
+    refuse_inputs(path, [r for r in read if r])
 
 
 def _generate(args) -> int:

@@ -278,6 +278,19 @@ def from_keras(config: dict) -> SD3Config:
 
 # -- diffusers folders -----------------------------------------------------------------------------------
 
+def build_from_file(path, build, config):
+    """``build(config)``, any error naming ``path``: config files are JSON anyone can edit, and a missing key,
+    a null or a string where a number goes would otherwise surface as a bare KeyError / TypeError."""
+    try:
+        if not isinstance(config, dict):
+            raise ConfigError("not a JSON object")
+        return build(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: bad config ({type(e).__name__}: {e})") from None
+
+
 def _read_json(path) -> dict:
     try:
         with open(path) as f:
@@ -344,29 +357,16 @@ def from_diffusers(folder) -> SD3Config:
     from pathlib import Path
 
     folder = Path(folder)
-    def sub(name, file="config.json"):
-        """A component's config; None when the pipeline has no such component (no folder: leaving out
-        text_encoder_3/ is the usual way to run without T5, whatever model_index.json lists). A folder that
-        holds weights must have its config: without it they would be silently left out."""
+    def parse(name, build, file="config.json"):
+        """A component's config built by ``build``; None when the pipeline has no such component (no folder:
+        leaving out text_encoder_3/ is the usual way to run without T5, whatever model_index.json lists). A
+        folder that holds weights must have its config: without it they would be silently left out."""
         path = folder / name / file
         if not path.is_file():
             if (folder / name).is_dir() and any((folder / name).glob("*.safetensors*")):
                 raise ConfigError(f"{path}: missing, but {folder / name} holds weights")
             return None
-        c = _read_json(path)
-        if not isinstance(c, dict):
-            raise ConfigError(f"{path}: not a JSON object")
-        return c
-
-    def parse(name, build, file="config.json"):
-        """build(config) naming the file on any error (a missing key, a null or a string where a number goes)."""
-        c = sub(name, file)
-        try:
-            return None if c is None else build(c)
-        except ConfigError as e:
-            raise ConfigError(f"{folder / name / file}: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ConfigError(f"{folder / name / file}: bad config ({type(e).__name__}: {e})") from None
+        return build_from_file(path, build, _read_json(path))
 
     vae_cfg = parse("vae", vae_from_diffusers)
     clip_l, clip_g, t5 = parse("text_encoder", clip_from_hf), parse("text_encoder_2", clip_from_hf), \

@@ -123,7 +123,7 @@ BAD = {
     "init image": (lambda d, t: ["--init-image", str(d / "broken.png")], "broken.png"),
     "output": (lambda d, t: ["-o", str(t / "no/such/dir/x.png")], "cannot write"),
     "output is an input": (lambda d, t: ["--init-image", str(d / "init.png"), "-o", str(d / "init.png")],
-                           "would replace an input"),
+                           "would replace the input"),
     "missing weights": (lambda d, t: ["--weights", str(t / "nothing.safetensors")], "no such file"),
     "stability without tokenizers": (lambda d, t: ["--weights", str(SET / "sai.safetensors"), "--config",
                                                    str(SET / "diffusers")], "--clip-l-tokenizer"),
