@@ -41,6 +41,12 @@ KNOWN_DIFFERENCES = {
 }
 
 
+# What computes the diffusers files: the pipelines, and transformers for what diffusers delegates to it.
+DIFFUSERS_FRAMEWORK = ("diffusers (pipelines, MMDiT, VAE, scheduler); transformers (CLIP and T5 encoders and "
+                       "tokenizers, clip_*/pooled_without_eos, t5/buckets_* from T5Attention._relative_position_bucket)")
+KERAS_FRAMEWORK = "keras-hub (backbone, tasks' generate_step / generate(), preprocessor, scheduler)"
+
+
 def save_npz(path: str, arrays: dict) -> None:
     """np.savez_compressed stamps the current time into the zip; this writes fixed timestamps."""
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -236,14 +242,14 @@ def generate_set(name: str, spec: dict, tok: dict) -> None:
         "weights": "diffusers/transformers initialisation (torch.manual_seed(spec.seed)) perturbed by golden."
                    "diffusers_side.perturb; KerasHub holds the same values (golden/keras_side.assign_weights).",
         "outputs": {
-            "keras_float32.npz": {"framework": "keras-hub", "dtype": "float32", "layout": "NHWC",
+            "keras_float32.npz": {"framework": KERAS_FRAMEWORK, "dtype": "float32", "layout": "NHWC",
                                   "convention": "keras (77 CLIP + 77 T5 tokens, or + 77 zero tokens without T5); "
                                                 "CLIP final LayerNorm eps 1e-6; T5 exact GELU"},
-            "diffusers_float32.npz": {"framework": "diffusers", "dtype": "float32",
+            "diffusers_float32.npz": {"framework": DIFFUSERS_FRAMEWORK, "dtype": "float32",
                                       "layout": "NCHW for 4-D float arrays (image_uint8 is NHWC)",
                                       "convention": "diffusers (77 CLIP + 256 T5 tokens, or + 256 zero tokens "
                                                     "without T5); CLIP final LayerNorm eps 1e-5; T5 tanh GELU"},
-            "diffusers_float64.npz": {"framework": "diffusers", "dtype": "float64 (torch on CPU, with the "
+            "diffusers_float64.npz": {"framework": DIFFUSERS_FRAMEWORK, "dtype": "float64 (torch on CPU, with the "
                                       "float32 pins of diffusers_side.FLOAT32_PINS lifted)", "layout": "as diffusers_float32", "convention": "diffusers"},
         },
         "keys": {f"{k}.npz": {key: [list(v.shape), str(v.dtype)] for key, v in sorted(o.items())}
