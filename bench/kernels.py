@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from bench.common import _parallel_copy, best_of, copy_gbps, copy_seconds, matmul_gflops, peak_rss_gb
+from bench.common import _parallel_copy, best_of, cold_seconds, copy_gbps, copy_seconds, matmul_gflops, peak_rss_gb
 from sd3ref import kernels, nn
 
 
@@ -60,7 +60,7 @@ def elementwise(scale, repeat):
     ]
     print(f"\nmemory bandwidth at the start (float32 copy into an existing array, read + write) {bw:.1f} GB/s; "
           f"numba threads {kernels.threads()}. Fractions are against a copy of the input's bytes timed "
-          f"alternately with the kernel (the bandwidth drifts during a run)")
+          f"alternately with the kernel (the bandwidth drifts during a run), each call started with cold caches")
     print("| kernel | output | fast ms | spread | plain ms | speed-up | copy GB/s meanwhile | fraction of bandwidth | "
           "of the op's minimum traffic |\n|---|---|---|---|---|---|---|---|---|")
     src = np.ones(max(case[3][0].nbytes for case in cases) // 4, np.float32)
@@ -72,7 +72,7 @@ def elementwise(scale, repeat):
         fast(*args)  # compile / load the cache
         times, copies = [], []
         for _ in range(repeat):
-            times.append(best_of(lambda: fast(*args), 1)[0])
+            times.append(cold_seconds(lambda: fast(*args)))
             copies.append(copy_seconds(a, b))
         t, c = min(times), min(copies)
         tp, _ = best_of(lambda: _plain(twin, *args), max(1, repeat // 2))
@@ -108,7 +108,7 @@ def attention(scale, repeat, plain_max_tokens=1400):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
     a = ap.parse_args(argv)
     elementwise(a.scale, a.repeat)
     attention(a.scale, max(1, a.repeat // 2))
