@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     for name in ("clip-l", "clip-g", "t5"):
         p.add_argument(f"--{name}", metavar="FILE", help=f"separate {name} text-encoder file (Stability)")
         p.add_argument(f"--{name}-tokenizer", metavar="PATH",
-                       help="tokenizer folder" + (" or SentencePiece file" if name == "t5" else ""))
+                       help="tokenizer folder" + (" or file (spiece.model, vocabulary.spm, tokenizer.json)" if name == "t5" else ""))
     p.add_argument("--no-t5", action="store_true", help="run without T5 even if the weights hold it")
     p.add_argument("--t5-length", type=_positive, metavar="N",
                    help="T5 tokens (diffusers' max_sequence_length, also its zero tokens without T5); default: "

@@ -60,14 +60,15 @@ def _clip_g_options(convention):
 def _t5_file(path: Path) -> Optional[Path]:
     if path.is_file():
         return path
-    return next((path / n for n in ("spiece.model", "vocabulary.spm") if (path / n).is_file()), None)
+    # the SentencePiece model itself first; a tokenizer.json is rebuilt into it
+    return next((path / n for n in ("spiece.model", "vocabulary.spm", "tokenizer.json") if (path / n).is_file()), None)
 
 
 def load_tokenizers(source=None, convention="keras", clip_l=None, clip_g=None, t5=None) -> Tokenizers:
     """The tokenizers of a KerasHub preset (``assets/``) or a diffusers folder (``tokenizer*/``); explicit
-    ``clip_l`` / ``clip_g`` folders (KerasHub assets, HF tokenizer folders) and a ``t5`` SentencePiece file
-    (or a folder holding ``spiece.model`` / ``vocabulary.spm``) take precedence — a Stability file holds none.
-    ``t5`` stays None when no SentencePiece model is found."""
+    ``clip_l`` / ``clip_g`` folders (KerasHub assets, HF tokenizer folders) and a ``t5`` file (SentencePiece
+    model or HF tokenizer.json) or folder holding ``spiece.model``, ``vocabulary.spm`` or ``tokenizer.json``
+    take precedence — a Stability file holds none. ``t5`` stays None when no T5 tokenizer is found."""
     root = Path(source) if source is not None and Path(source).is_dir() else None
     keras = root is not None and (root / "assets").is_dir()
     found = {}
@@ -83,7 +84,7 @@ def load_tokenizers(source=None, convention="keras", clip_l=None, clip_g=None, t
         raise PipelineError(f"{source or 'the weights'}: no {' / '.join(missing)} tokenizer found; pass {flags}")
     t5_file = _t5_file(paths["t5"]) if "t5" in paths else None
     if "t5" in paths and t5_file is None and t5 is not None:
-        raise TokenizerFileError(f"{t5}: no spiece.model or vocabulary.spm")
+        raise TokenizerFileError(f"{t5}: no spiece.model, vocabulary.spm or tokenizer.json")
     return Tokenizers(CLIPTokenizer.from_dir(str(paths["clip_l"])),
                       CLIPTokenizer.from_dir(str(paths["clip_g"]), **_clip_g_options(convention)),
                       T5Tokenizer.from_file(str(t5_file)) if t5_file else None,
@@ -369,9 +370,8 @@ def generate(model: Model, tokenizers: Tokenizers, prompts, negative_prompt="", 
     if len(negatives) != len(prompts):
         raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     if use_t5 and model.config.t5 is not None and tokenizers.t5 is None:
-        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded: pass a SentencePiece spiece.model / "
-                            "vocabulary.spm (load_tokenizers(t5=...), --t5-tokenizer; a diffusers folder saved by "
-                            "transformers ≥ 5 has only tokenizer_3/tokenizer.json, which sd3ref does not read), "
+        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded: pass T5's spiece.model, "
+                            "vocabulary.spm or tokenizer.json (load_tokenizers(t5=...), --t5-tokenizer), "
                             "or run without T5 (use_t5=False, --no-t5)")
     check_components(model)
     check_size(model, height, width)

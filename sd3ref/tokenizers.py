@@ -4,15 +4,20 @@
   (transformers 5, backed by the ``tokenizers`` Rust library) and with KerasHub 0.32's
   python path, which builds the same ``tokenizers`` pipeline.
 * ``T5Tokenizer``: SentencePiece through the ``sentencepiece`` package, packed the way
-  KerasHub's ``T5Preprocessor`` and HF's ``T5Tokenizer(truncation=True)`` pack it.
+  KerasHub's ``T5Preprocessor`` and HF's ``T5Tokenizer(truncation=True)`` pack it. An HF
+  ``tokenizer.json`` (all that transformers 5 saves) is rebuilt into the SentencePiece model it
+  was converted from.
 
 docs/tokenizers.md explains every rule below, and where the frameworks disagree.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
+import struct
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -433,6 +438,118 @@ class CLIPTokenizer:
 # --------------------------------------------------------------------------------------
 
 
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # a negative int32 is sent as its 64-bit two's complement
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: bool / int as a varint, float as 32 bits, str / bytes length-delimited."""
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(int(value))
+    value = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _components(entry, kind: str, path: str) -> list:
+    """A tokenizers normalizer / pre-tokenizer as the flat list of its steps."""
+    if entry is None:
+        return []
+    if not isinstance(entry, dict):
+        raise TokenizerFileError(f"{path}: {kind} is not a JSON object")
+    if entry.get("type") == "Sequence":
+        steps = entry.get("normalizers" if kind == "normalizer" else "pretokenizers")
+        if not isinstance(steps, list):
+            raise TokenizerFileError(f"{path}: {kind} Sequence without its list of steps")
+        return [c for step in steps for c in _components(step, kind, path)]
+    return [entry]
+
+
+_PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_CONTROL, _PIECE_USER, _PIECE_BYTE = 1, 2, 3, 4, 6
+
+
+def sentencepiece_model_from_tokenizer_json(data, path: str = "tokenizer.json") -> bytes:
+    """The serialized SentencePiece ``ModelProto`` that an HF ``tokenizer.json`` (a Unigram model, as
+    transformers converts T5's ``spiece.model``) was made from: the pieces with their scores, the
+    precompiled normalisation map copied byte for byte, and the whitespace options its steps stand for
+    (``Metaspace`` → add the dummy prefix and escape spaces as "▁"; ``WhitespaceSplit`` or ``Replace``
+    of runs of spaces → remove extra whitespace). Special added tokens (``</s>``, ``<pad>``,
+    ``<extra_id_N>``) become control pieces, which SentencePiece never matches in text, as in the
+    original model (HF matches their text: docs/tokenizers.md); other added tokens become user-defined
+    pieces. A step with no SentencePiece equivalent is refused, naming it."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "Unigram":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise TokenizerFileError(f"{path}: expected a 'tokenizers' JSON with a Unigram model (T5's), got {kind!r}")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, list) or not vocab or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0]
+            and isinstance(v[1], (int, float)) and not isinstance(v[1], bool) for v in vocab):
+        raise TokenizerFileError(f"{path}: model.vocab must be a non-empty list of [piece, score] pairs")
+    unk_id = model.get("unk_id")
+    if not isinstance(unk_id, int) or isinstance(unk_id, bool) or not 0 <= unk_id < len(vocab):
+        raise TokenizerFileError(f"{path}: model.unk_id {unk_id!r} is not an id of model.vocab "
+                                 "(SentencePiece needs an unknown piece)")
+    byte_fallback = model.get("byte_fallback") is True
+    added = {}
+    for entry in data.get("added_tokens") or []:
+        if not (isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("content"), str)):
+            raise TokenizerFileError(f"{path}: an added_tokens entry without an integer id and a content string")
+        if not (0 <= entry["id"] < len(vocab) and vocab[entry["id"]][0] == entry["content"]):
+            raise TokenizerFileError(f"{path}: added token {entry['content']!r} (id {entry['id']}) is not that "
+                                     "piece of model.vocab")
+        added[entry["id"]] = entry
+
+    charsmap, remove_extra, dummy_prefix, escape = b"", False, False, False
+    for step in _components(data.get("normalizer"), "normalizer", path):
+        kind = step.get("type")
+        if kind == "Precompiled":
+            try:
+                charsmap = base64.b64decode(step.get("precompiled_charsmap") or "", validate=True)
+            except (ValueError, TypeError) as e:
+                raise TokenizerFileError(f"{path}: precompiled_charsmap is not base64 ({e})") from None
+        elif kind == "Replace" and step.get("pattern") == {"Regex": " {2,}"} and step.get("content") == " ":
+            remove_extra = True  # older transformers' spelling of SentencePiece's whitespace collapsing
+        else:
+            raise TokenizerFileError(f"{path}: normalizer step {kind!r} has no SentencePiece equivalent")
+    for step in _components(data.get("pre_tokenizer"), "pre_tokenizer", path):
+        kind = step.get("type")
+        if kind == "WhitespaceSplit":
+            remove_extra = True
+        elif kind == "Metaspace" and step.get("replacement") == "\u2581":
+            escape = True
+            scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+            dummy_prefix = scheme != "never"
+        else:
+            raise TokenizerFileError(f"{path}: pre_tokenizer step {kind!r} has no SentencePiece equivalent")
+    if not escape:
+        raise TokenizerFileError(f"{path}: no Metaspace pre-tokenizer (SentencePiece marks spaces with '\u2581')")
+
+    def piece_type(i, piece):
+        if i == unk_id:
+            return _PIECE_UNKNOWN
+        if i in added:
+            return _PIECE_CONTROL if added[i].get("special") else _PIECE_USER
+        if byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            return _PIECE_BYTE
+        return _PIECE_NORMAL
+
+    pieces = b"".join(_field(1, _field(1, piece) + _field(2, float(score)) + _field(3, piece_type(i, piece)))
+                      for i, (piece, score) in enumerate(vocab))
+    ids = {piece: i for i, (piece, _) in enumerate(vocab)}
+    trainer = (_field(3, 1) + _field(4, len(vocab)) + _field(35, byte_fallback) + _field(40, unk_id)  # 1: unigram
+               + b"".join(_field(n, ids.get(piece, -1)) for n, piece in ((41, "<s>"), (42, "</s>"), (43, "<pad>"))))
+    normalizer = _field(2, charsmap) + _field(3, dummy_prefix) + _field(4, remove_extra) + _field(5, escape)
+    return pieces + _field(2, trainer) + _field(3, normalizer)
+
+
 class T5Tokenizer:
     """SentencePiece tokenizer packed as ``[content[:length-1], EOS, pad...]`` (no BOS).
 
@@ -459,7 +576,9 @@ class T5Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "T5Tokenizer":
-        """``spiece.model`` (HF) or ``vocabulary.spm`` (KerasHub)."""
+        """``spiece.model`` (HF), ``vocabulary.spm`` (KerasHub) or an HF ``tokenizer.json`` (``.json``)."""
+        if path.endswith(".json"):
+            return cls(sentencepiece_model_from_tokenizer_json(_read_json(path), path), name=path)
         try:
             with open(path, "rb") as f:
                 proto = f.read()

@@ -3,6 +3,7 @@
 properties of the loop."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -43,10 +44,8 @@ def token_ids():
 def test_tokenize_reproduces_the_frameworks_ids(set_name, convention, source, ref_file):
     d = verify.GOLDEN / set_name
     prompts = json.loads((d / "manifest.json").read_text())["spec"]["prompts"]
-    # The golden diffusers folder's tokenizer_3 is a tokenizers JSON only: T5 comes from the same
-    # SentencePiece model in KerasHub's assets.
-    t5 = d / "keras/assets/t5_tokenizer" if source == "diffusers" and (d / "keras/assets/t5_tokenizer").exists() else None
-    tok = pipeline.load_tokenizers(d / source, convention, t5=t5)
+    # The golden diffusers folder's tokenizer_3 is what transformers 5 saves, a tokenizer.json alone
+    tok = pipeline.load_tokenizers(d / source, convention)
     ref = verify.load_npz(d / ref_file)
     for kind, texts in (("tokens", prompts), ("neg_tokens", [""] * len(prompts))):
         ids = pipeline.tokenize(tok, texts, convention)
@@ -226,9 +225,11 @@ def test_without_t5_diffusers_stands_in_max_sequence_length_zero_tokens():
     assert pipeline.encode_text(model, ids, convention="keras", t5_length=300).context.shape[1] == 77 + 77
 
 
-def test_generate_never_leaves_t5_out_silently_and_takes_per_prompt_negatives(keras32):
-    # the golden diffusers folder holds tokenizer_3/tokenizer.json only, no SentencePiece model
-    tok = pipeline.load_tokenizers(SET / "diffusers", "diffusers")
+def test_generate_never_leaves_t5_out_silently_and_takes_per_prompt_negatives(keras32, tmp_path):
+    # a diffusers folder without tokenizer_3
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(SET / "diffusers" / name, tmp_path / name)
+    tok = pipeline.load_tokenizers(tmp_path, "diffusers")
     assert tok.t5 is None and keras32.config.t5 is not None
     with pytest.raises(pipeline.PipelineError, match="no T5 tokenizer"):
         _generate(keras32, tok, "x", convention="diffusers")

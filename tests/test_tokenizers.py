@@ -26,6 +26,9 @@ from sd3ref.tokenizers import (
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "tokenizers"
 CORPUS_PATH = GOLDEN / "corpus.json"
+# What transformers 5 saved of the same T5 tokenizer (golden.diffusers_side: the diffusers pipeline's
+# tokenizer_3, T5Tokenizer.from_pretrained(the folder of spiece.model, extra_ids=0)): tokenizer.json only.
+T5_TOKENIZER_JSON = GOLDEN.parent / "sd3" / "diffusers" / "tokenizer_3" / "tokenizer.json"
 
 
 # --------------------------------------------------------------------------------------
@@ -78,12 +81,14 @@ def test_clip_matches_frameworks(setting):
     _check_entries(entries, [e["text"] for e in entries], tokenizer, setting, 77, "clip")
 
 
+@pytest.mark.parametrize("source", [GOLDEN / "t5" / "spiece.model", T5_TOKENIZER_JSON], ids=["spiece", "tokenizer_json"])
 @pytest.mark.parametrize("setting", ["keras_t5_256", "keras_t5_77", "hf_t5_256", "hf_t5_77"])
-def test_t5_matches_frameworks(setting):
+def test_t5_matches_frameworks(setting, source):
     """Exact for KerasHub (the sentencepiece library). HF's tokenizers-based T5 differs on a few
-    documented inputs (special-token text such as "</s>", U+0085); those entries are skipped."""
+    documented inputs (special-token text such as "</s>", U+0085); those entries are skipped.
+    The tokenizer.json is rebuilt into the SentencePiece model, so it matches KerasHub exactly too."""
     corpus = _load_corpus()
-    tokenizer = T5Tokenizer.from_file(str(GOLDEN / "t5" / "spiece.model"))
+    tokenizer = T5Tokenizer.from_file(str(source))
     length = int(setting.rsplit("_", 1)[1])
     skip_pair = f"{setting} vs keras_{setting[3:]}" if setting.startswith("hf_") else None
     entries = corpus["entries"]
@@ -363,5 +368,79 @@ def test_corrupt_sentencepiece_model(tmp_path):
     bad = tmp_path / "spiece.model"
     bad.write_bytes(b"not a model")
     with pytest.raises(TokenizerFileError) as e:
+        T5Tokenizer.from_file(str(bad))
+    _one_line_naming(e, bad)
+
+
+# ---- T5 from an HF tokenizer.json --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def t5_pair():
+    """The golden SentencePiece model and the tokenizer.json transformers made of it."""
+    return (T5Tokenizer.from_file(str(GOLDEN / "t5" / "spiece.model")),
+            T5Tokenizer.from_file(str(T5_TOKENIZER_JSON)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+       | st.lists(st.sampled_from(["a", " ", "  ", "\t", "\n", "\u3000", "\xa0", "ﬁ", "ｃ", "\u0301", "é",
+                                   "</s>", "<pad>", "<unk>", "photo", "cat", "▁"]), max_size=12).map("".join))
+def test_t5_tokenizer_json_is_the_sentencepiece_model(t5_pair, text):
+    spiece, rebuilt = t5_pair
+    assert rebuilt.tokenize(text) == spiece.tokenize(text)
+
+
+def test_t5_tokenizer_json_of_older_transformers(tmp_path, t5_pair):
+    # transformers 4's T5Converter wrote the whitespace rules as a normalizer Replace of runs of spaces
+    # and a Metaspace with add_prefix_space (tokenizers < 0.14)
+    data = json.loads(T5_TOKENIZER_JSON.read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        data["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    older = T5Tokenizer.from_file(str(path))
+    spiece = t5_pair[0]
+    for entry in _load_corpus()["entries"]:
+        assert older.tokenize(entry["text"]) == spiece.tokenize(entry["text"]), repr(entry["text"])
+
+
+def test_t5_tokenizer_json_ids_and_special_pieces(tmp_path, t5_pair):
+    spiece, rebuilt = t5_pair
+    assert (rebuilt.eos_id, rebuilt.pad_id, rebuilt.sp.unk_id()) == (spiece.eos_id, spiece.pad_id, spiece.sp.unk_id())
+    assert [rebuilt.sp.id_to_piece(i) for i in range(rebuilt.sp.get_piece_size())] == \
+        [spiece.sp.id_to_piece(i) for i in range(spiece.sp.get_piece_size())]
+    # A real T5 tokenizer.json lists <extra_id_N> as special added tokens at the end of the vocabulary:
+    # their ids are kept, and SentencePiece never matches their text (as with spiece.model, which lacks them)
+    data = json.loads(T5_TOKENIZER_JSON.read_text(encoding="utf-8"))
+    n = len(data["model"]["vocab"])
+    for i in range(3):
+        data["model"]["vocab"].append([f"<extra_id_{2 - i}>", 0.0])
+        data["added_tokens"].append({"id": n + i, "content": f"<extra_id_{2 - i}>", "special": True})
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    extra = T5Tokenizer.from_file(str(path))
+    assert extra.sp.piece_to_id("<extra_id_0>") == n + 2 and extra.sp.get_piece_size() == n + 3
+    assert extra.tokenize("a <extra_id_0> cat") == spiece.tokenize("a <extra_id_0> cat")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["model"].update(type="BPE"), "Unigram model"),
+    (lambda d: d["model"].update(unk_id=None), "unk_id"),
+    (lambda d: d["model"]["vocab"].append(["\u2581a", -1.0]), "already defined"),
+    (lambda d: d["model"]["vocab"].append(["x"]), "pairs"),
+    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer step 'Lowercase'"),
+    (lambda d: d.update(pre_tokenizer={"type": "ByteLevel"}), "pre_tokenizer step 'ByteLevel'"),
+    (lambda d: d.update(pre_tokenizer=None), "no Metaspace"),
+    (lambda d: d["normalizer"].update(precompiled_charsmap="%%"), "base64"),
+    (lambda d: d["added_tokens"].append({"id": 5, "content": "<nope>", "special": True}), "<nope>"),
+])
+def test_t5_bad_tokenizer_json(tmp_path, change, message):
+    data = json.loads(T5_TOKENIZER_JSON.read_text(encoding="utf-8"))
+    change(data)
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=message) as e:
         T5Tokenizer.from_file(str(bad))
     _one_line_naming(e, bad)
