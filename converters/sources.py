@@ -209,6 +209,25 @@ def open_diffusers(path) -> Plan:
     return make_plan(str(p), "diffusers", cfg, catalog, diffusers_layout, diffusers_layout.KNOWN_EXTRAS.get)
 
 
+_SD3_CLIPS = {"clip_l": (768, 12), "clip_g": (1280, 32)}  # width, layers
+
+
+def _refuse_swapped_clips(catalog, encoders: dict) -> None:
+    """A CLIP-L file given as CLIP-G or the reverse would run — the two are concatenated, and their widths
+    add up either way — with each one's activation and place wrong: a file with exactly the other SD3
+    encoder's width and depth is refused."""
+    for comp, other in (("clip_l", "clip_g"), ("clip_g", "clip_l")):
+        if comp not in encoders:
+            continue
+        embedding = canonical.PREFIX[comp] + "text_model.embeddings.token_embedding.weight"
+        layers = canonical.PREFIX[comp] + "text_model.encoder.layers."
+        depth = len({n[len(layers):].split(".")[0] for n in catalog.tensors if n.startswith(layers)})
+        if embedding in catalog.tensors and (catalog.info(embedding).shape[1], depth) == _SD3_CLIPS[other]:
+            width, depth = _SD3_CLIPS[other]
+            raise ConversionError(f"{encoders[comp]}: given for {comp} but holds a {width}-wide, {depth}-layer CLIP, "
+                                  f"SD3's {other}: swapped CLIP-L and CLIP-G files (--clip-l / --clip-g)?")
+
+
 def open_safetensors(path, encoders: dict | None = None, config: SD3Config | None = None) -> Plan:
     """A canonical or Stability single file, plus optional separate text-encoder files
     (``encoders``: component -> path) whose keys may lack the ``text_encoders.<name>.transformer.`` prefix."""
@@ -224,6 +243,7 @@ def open_safetensors(path, encoders: dict | None = None, config: SD3Config | Non
             if not (full.startswith(prefix) or sai_layout.known_extra(full)):
                 raise ConversionError(f"{file}: tensor {name} does not belong to {comp}")
             catalog.add(full, info, st, name)
+    _refuse_swapped_clips(catalog, encoders or {})
     try:
         cfg = config or cfgmod.from_metadata(main.metadata) or cfgmod.infer_from_shapes(
             {n: catalog.info(n).shape for n in catalog.tensors})

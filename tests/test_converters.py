@@ -225,6 +225,25 @@ def test_separate_encoder_files_only_go_with_a_single_file(form):
         open_source(GOLDEN / SETS[0] / form, encoders={"t5": GOLDEN / SETS[0] / "sai.safetensors"})
 
 
+@pytest.mark.parametrize("given,shape", [("clip_l", (1280, 32)), ("clip_g", (768, 12))])
+def test_swapped_clip_files_are_refused(tmp_path, given, shape):
+    # Only the shapes matter: an embedding as wide as the other SD3 encoder's, and as many layers
+    from safetensors.numpy import load_file, save_file
+
+    from converters.sources import ConversionError
+    main = tmp_path / "sd3.safetensors"  # the golden Stability file without its text encoders
+    save_file({n: t for n, t in load_file(str(GOLDEN / SETS[0] / "sai.safetensors")).items()
+               if not n.startswith("text_encoders.")}, str(main))
+    width, depth = shape
+    tensors = {"text_model.embeddings.token_embedding.weight": np.zeros((2, width), np.float16),
+               **{f"text_model.encoder.layers.{i}.layer_norm1.weight": np.zeros(1, np.float16) for i in range(depth)}}
+    path = tmp_path / f"{given}.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(ConversionError, match="swapped CLIP-L and CLIP-G") as e:
+        open_source(main, encoders={given: path})
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
 def cast_f8(a: np.ndarray) -> np.ndarray:
     """Nearest float8-e4m3fn by table search (test-side, independent of the decoder's direction)."""
     table = to_float32(np.arange(256, dtype=np.uint8).view(F8_E4M3))
