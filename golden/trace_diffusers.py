@@ -41,6 +41,9 @@ class Recorder:
     def hook(self, module, name, pick=lambda out: out[0] if isinstance(out, tuple) else out):
         self.handles.append(module.register_forward_hook(lambda m, args, out: self.put(name, pick(out))))
 
+    def hook_input(self, module, name):
+        self.handles.append(module.register_forward_pre_hook(lambda m, args: self.put(name, args[0])))
+
     def hook_split(self, module, names):
         """A Linear whose output is chunked: names in the module's own chunk order."""
         def record(m, args, out):
@@ -101,8 +104,10 @@ def hook_mmdit(rec: Recorder, transformer) -> None:
             rec.hook(getattr(attn, f"norm_{n}") if qk and n != "v" else getattr(attn, f"to_{n}"), p + f"x.{n}")
             rec.hook(getattr(attn, f"norm_added_{n}") if qk and n != "v" else getattr(attn, f"add_{n}_proj"),
                      p + f"context.{n}")
+        rec.hook_input(attn.to_out[0], p + "x.sdpa")  # the attention output, heads merged, before to_out
         rec.hook(attn, p + "x.attn")
         if not block.context_pre_only:
+            rec.hook_input(attn.to_add_out, p + "context.sdpa")
             rec.hook(attn, p + "context.attn", pick=lambda out: out[1])
             rec.hook(block.ff_context, p + "context.mlp")
             rec.hook(block, p + "context.out", pick=lambda out: out[0])
@@ -110,6 +115,7 @@ def hook_mmdit(rec: Recorder, transformer) -> None:
             for n in "qkv":
                 rec.hook(getattr(block.attn2, f"norm_{n}") if qk and n != "v" else getattr(block.attn2, f"to_{n}"),
                          p + f"x.{n}2")
+            rec.hook_input(block.attn2.to_out[0], p + "x.sdpa2")
             rec.hook(block.attn2, p + "x.attn2")
         rec.hook(block.ff, p + "x.mlp")
         rec.hook(block, p + "x.out", pick=lambda out: out[1])

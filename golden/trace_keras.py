@@ -92,14 +92,14 @@ def wrap_mmdit(rec: Recorder, mmdit) -> None:
                 rec.wrap(part.q_norm, p + stream + ".q")
                 rec.wrap(part.k_norm, p + stream + ".k")
             if part.use_projection:
-                rec.wrap(part.attention_proj, p + stream + ".attn")
+                rec.wrap(part.attention_proj, p + stream + ".attn", input_name=p + stream + ".sdpa")
                 rec.wrap(part.mlp, p + stream + ".mlp")
             if part.use_dual_attention:
                 rec.wrap(part.attention_qkv2, p + stream + ".qkv2")
                 if part.qk_norm is not None:
                     rec.wrap(part.q_norm2, p + stream + ".q2")
                     rec.wrap(part.k_norm2, p + stream + ".k2")
-                rec.wrap(part.attention_proj2, p + stream + ".attn2")
+                rec.wrap(part.attention_proj2, p + stream + ".attn2", input_name=p + stream + ".sdpa2")
         rec.wrap(block, p + "x.out")  # MMDiTBlock returns (x, context), or x after the pre-only block
         if block.use_context_projection:
             rec.wrap(block, p + "context.out", pick=lambda out: out[1])

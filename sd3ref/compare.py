@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -135,6 +136,19 @@ CATALOGUE = {t.id: t for t in [
     Trap("latent_order", "latent scale / shift applied in the wrong order",
          "to_latent(z) = (z − 0.0609)·1.5305 after the VAE encoder, from_latent(z) = z/1.5305 + 0.0609 before "
          "the decoder; (z + shift)/scale or z·scale − shift is the classic slip."),
+    Trap("attention_scale", "attention logits scaled by 1/hd, 1 or 1/√D instead of 1/√hd",
+         "The attention output (before its output projection) is off while q, k and v agree, and it is what "
+         "the right q, k, v give with another scale: SD3 scales q·k by 1/√(head dim), 1/8 for 64-wide heads, "
+         "before the softmax (diffusers' scaled_dot_product_attention default, KerasHub's 1/√hd, Stability's "
+         "optimized_attention)."),
+    Trap("head_merge", "attention heads merged without moving the head axis",
+         "The attention output is right value for value but in the wrong places: (B, heads, L, hd) was "
+         "reshaped straight to (B, L, heads·hd). The head axis has to move next to hd first (transpose to "
+         "(B, L, heads, hd), then merge)."),
+    Trap("split_attention", "each stream attended only to its own tokens",
+         "The attention output is what each stream gives attending to itself alone: MMDiT's attention is "
+         "joint — the context and image tokens' q, k and v form one sequence [context; x] with no mask, and "
+         "the output is split back per stream. (SD3.5's attn2 alone is image-only.)"),
     Trap("gelu", "GELU variant (exact erf vs tanh approximation)",
          "The first tensor off is an MLP output while the attention before it agrees: the activation. T5 "
          "v1.1 uses tanh GELU in transformers (gelu_new) and Stability's code, exact erf GELU in KerasHub; "
@@ -164,6 +178,48 @@ def _close(a, b, tol):
     if a.shape != b.shape:
         return False
     return float(np.abs(a - b).max(initial=0.0)) <= tol * max(float(np.abs(b).max(initial=0.0)), 1e-30)
+
+
+def _attend(q, k, v, scale):
+    """softmax(q·kᵀ·scale)·v over (B, heads, L, hd), in float64, one head at a time (bounded memory)."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    out = np.empty(q.shape[:3] + (v.shape[-1],))
+    for h in range(q.shape[1]):
+        logits = q[:, h] @ k[:, h].swapaxes(-1, -2) * scale  # (B, Lq, Lk)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, h]
+    return out
+
+
+def _attention_cause(name, a, ours, tol):
+    """Which attention slip turns OUR q, k, v of the block into THEIR attention output ``a`` (B, L, heads·hd):
+    a scale, a head merge without the transpose, or per-stream instead of joint attention."""
+    block, stream, leaf = name.rsplit(".", 2)
+    n = "2" if leaf == "sdpa2" else ""
+    streams = [s for s in ("context", "x") if f"{block}.{s}.q{n}" in ours] if not n else ["x"]
+    if stream not in streams or not all(f"{block}.{s}.{t}{n}" in ours for s in streams for t in "qkv"):
+        return None
+    q, k, v = (np.concatenate([ours[f"{block}.{s}.{t}{n}"] for s in streams], axis=2) for t in "qkv")
+    B, heads, _, hd = q.shape
+    start = sum(ours[f"{block}.{s}.q{n}"].shape[2] for s in streams[:streams.index(stream)])
+    rows = slice(start, start + ours[f"{block}.{stream}.q{n}"].shape[2])
+
+    def merged(o):  # (B, heads, L, hd) → this stream's (B, L, heads·hd)
+        return o[:, :, rows].transpose(0, 2, 1, 3).reshape(B, -1, heads * hd)
+
+    for scale in (1.0 / hd, 1.0, 1.0 / math.sqrt(heads * hd)):
+        if _close(a, merged(_attend(q, k, v, scale)), tol):
+            return "attention_scale"
+    right = _attend(q, k, v, 1.0 / math.sqrt(hd))
+    # reshaped without the transpose, the joint sequence then split, or each stream's part
+    if any(_close(a, m, tol) for m in (right.reshape(B, -1, heads * hd)[:, rows],
+                                        right[:, :, rows].reshape(B, -1, heads * hd))):
+        return "head_merge"
+    if len(streams) > 1:
+        own = [ours[f"{block}.{stream}.{t}{n}"] for t in "qkv"]
+        if _close(a, _attend(*own, 1.0 / math.sqrt(hd)).transpose(0, 2, 1, 3).reshape(B, -1, heads * hd), tol):
+            return "split_attention"
+    return None
 
 
 def diagnose(name: str, theirs: dict, ours: dict, row: dict, rtol: float) -> str:
@@ -213,6 +269,10 @@ def diagnose(name: str, theirs: dict, ours: dict, row: dict, rtol: float) -> str
                                                lambda z: (z + LATENT_SHIFT) * LATENT_SCALE,
                                                lambda z: z / LATENT_SCALE - LATENT_SHIFT)):
             return "latent_order"
+    if leaf in ("sdpa", "sdpa2"):
+        cause = _attention_cause(name, a, ours, tol)
+        if cause:
+            return cause
     small = row["max_rel"] < SMALL
     if leaf == "mlp" and small:
         return "gelu"

@@ -125,6 +125,9 @@ def joint_block(w, config: SD3Config, context, x, c, pre_only, dual, name):
     # No mask: zero-padded context tokens take part.
     a = _attention(qkv)  # (B, Lc + N, D)
     ca, xa = a[:, :Lc], a[:, Lc:]
+    if not pre_only:
+        trace.record(name + ".context.sdpa", ca)
+    trace.record(name + ".x.sdpa", xa)
 
     xa = nn.dense(xa, xw, "attn.proj")
     trace.record(name + ".x.attn", xa)
@@ -132,7 +135,9 @@ def joint_block(w, config: SD3Config, context, x, c, pre_only, dual, name):
     if dual:  # self-attention over image tokens only; residual after attn1, before the MLP
         qkv2 = _qkv(xw, "attn2", nn.layer_norm_modulate(x_in, xm[6], xm[7], EPS), heads, qk_norm,
                     [f"{name}.x.{n}2" for n in "qkv"])
-        a2 = nn.dense(_attention(qkv2), xw, "attn2.proj")
+        a2 = _attention(qkv2)
+        trace.record(name + ".x.sdpa2", a2)
+        a2 = nn.dense(a2, xw, "attn2.proj")
         trace.record(name + ".x.attn2", a2)
         x = _gated_residual(x, xm[8], a2)
     x = _mlp_residual(xw, x, xm[3], xm[4], xm[5], name + ".x")

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import conditioning, trace, vae, verify
+from . import conditioning, mmdit, nn, trace, vae, verify
 from .model import Model
 
 SETS = ("sd3", "sd35", "sd3_no_t5")
@@ -63,6 +63,42 @@ def _from_latent_shift_then_scale(z, config):
     z = (z + config.shift) / config.scale
     trace.record("vae.from_latent", z)
     return z
+
+
+def _attention_scaled_by_head_dim(qkv):
+    """The slip: logits scaled by 1/hd instead of 1/√hd."""
+    B, L, _, heads, hd = qkv.shape
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    return nn.attention(q, k, v, 1.0 / hd).transpose(0, 2, 1, 3).reshape(B, L, heads * hd)
+
+
+def _attention_merged_without_transpose(qkv):
+    """The slip: (B, heads, L, hd) reshaped straight to (B, L, heads·hd)."""
+    B, L, _, heads, hd = qkv.shape
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    return np.ascontiguousarray(nn.attention(q, k, v, 1.0 / np.sqrt(hd))).reshape(B, L, heads * hd)
+
+
+@contextlib.contextmanager
+def _per_stream_attention():
+    """The slip: each stream of a joint block attends only to its own tokens (attn2, image-only, unchanged)."""
+    original_block, original_attention, split = mmdit.joint_block, mmdit._attention, []
+
+    def block(w, config, context, *args, **kwargs):
+        split.append(context.shape[1])  # the block's first attention is the joint one
+        try:
+            return original_block(w, config, context, *args, **kwargs)
+        finally:
+            split.clear()
+
+    def attention(qkv):
+        if not split:
+            return original_attention(qkv)
+        lc = split.pop()
+        return np.concatenate([original_attention(qkv[:, :lc]), original_attention(qkv[:, lc:])], axis=1)
+
+    with _patched(mmdit, "joint_block", block), _patched(mmdit, "_attention", attention):
+        yield
 
 
 def _sai_pooled_only():
@@ -132,6 +168,14 @@ TRAPS = {
                               lambda r: dataclasses.replace(r, inputs={**r.inputs, "mmdit/timestep": np.round(
                                   r.inputs["mmdit/timestep"])}),
                               lambda r: bool(np.any(np.round(t := r.inputs["mmdit/timestep"]) != t))),
+    "attention_scale": Trap("attention_scale", "attention logits scaled by 1/hd instead of 1/√hd",
+                            lambda r: dataclasses.replace(r, patch=lambda: _patched(
+                                mmdit, "_attention", _attention_scaled_by_head_dim))),
+    "head_merge": Trap("head_merge", "attention heads merged by a reshape without the transpose",
+                       lambda r: dataclasses.replace(r, patch=lambda: _patched(
+                           mmdit, "_attention", _attention_merged_without_transpose))),
+    "split_attention": Trap("split_attention", "context and image tokens attend only within their own stream",
+                            lambda r: dataclasses.replace(r, patch=_per_stream_attention)),
     "latent_order": Trap("latent_order", "decoder input (z + shift)/scale instead of z/scale + shift",
                          lambda r: dataclasses.replace(r, patch=lambda: _patched(
                              vae, "from_latent", _from_latent_shift_then_scale))),

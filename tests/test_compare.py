@@ -29,7 +29,11 @@ def expected_first(trap_id, config):
             "context_tokens": "t5.embeddings",
             "pooled_projection": "cond.pooled",
             "timestep_rounding": "mmdit.timestep",
-            "latent_order": "vae.from_latent"}[trap_id]
+            "latent_order": "vae.from_latent",
+            # the joint attention's output, the context stream's rows first
+            "attention_scale": "mmdit.blocks.0.context.sdpa",
+            "head_merge": "mmdit.blocks.0.context.sdpa",
+            "split_attention": "mmdit.blocks.0.context.sdpa"}[trap_id]
 
 
 CASES = [(s, t) for s in traps.SETS for t in traps.TRAPS]
