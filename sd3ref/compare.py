@@ -149,6 +149,10 @@ CATALOGUE = {t.id: t for t in [
          "The attention output is what each stream gives attending to itself alone: MMDiT's attention is "
          "joint — the context and image tokens' q, k and v form one sequence [context; x] with no mask, and "
          "the output is split back per stream. (SD3.5's attn2 alone is image-only.)"),
+    Trap("unpatchify_order", "velocity unpatchified in the wrong order",
+         "The final layer's output agrees and the velocity holds its values in other places: each token's "
+         "p·p·C features are ordered (row in the patch, column in the patch, channel) — (c, p, q) in diffusers' "
+         "einsum 'nhwpqc->nchpwq' terms, channels last — and tokens row-major over the (h, w) grid."),
     Trap("gelu", "GELU variant (exact erf vs tanh approximation)",
          "The first tensor off is an MLP output while the attention before it agrees: the activation. T5 "
          "v1.1 uses tanh GELU in transformers (gelu_new) and Stability's code, exact erf GELU in KerasHub; "
@@ -222,6 +226,27 @@ def _attention_cause(name, a, ours, tol):
     return None
 
 
+def _unpatchify_slip(v, tokens, tol) -> bool:
+    """Whether THEIR velocity ``v`` (B, H, W, C) is OUR final-layer ``tokens`` (B, h·w, p·p·C) put back with the
+    features read as (C, p, p) or with the patch's rows and columns exchanged, or with tokens column-major."""
+    B, H, W, C = v.shape
+    p = math.isqrt(tokens.shape[-1] // C) if tokens.shape[-1] % C == 0 else 0
+    if p == 0 or p * p * C != tokens.shape[-1] or H % p or W % p:
+        return False
+    h, w = H // p, W // p
+    for major, grid in (("rows", tokens.reshape(B, h, w, -1)),
+                        ("columns", tokens.reshape(B, w, h, -1).transpose(0, 2, 1, 3))):
+        features = {"pqc": grid.reshape(B, h, w, p, p, C),  # (row in patch, column in patch, channel)
+                    "qpc": grid.reshape(B, h, w, p, p, C).transpose(0, 1, 2, 4, 3, 5),
+                    "cpq": grid.reshape(B, h, w, C, p, p).transpose(0, 1, 2, 4, 5, 3)}
+        for order, patches in features.items():
+            if (major, order) == ("rows", "pqc"):
+                continue  # ours
+            if _close(v, patches.transpose(0, 1, 3, 2, 4, 5).reshape(B, H, W, C), tol):
+                return True
+    return False
+
+
 def diagnose(name: str, theirs: dict, ours: dict, row: dict, rtol: float) -> str:
     """The id of the likely trap behind the first divergent tensor ``name``.
     ``theirs`` is THEIRS renamed and aligned (as far as it goes), ``ours`` OURS."""
@@ -269,6 +294,9 @@ def diagnose(name: str, theirs: dict, ours: dict, row: dict, rtol: float) -> str
                                                lambda z: (z + LATENT_SHIFT) * LATENT_SCALE,
                                                lambda z: z / LATENT_SCALE - LATENT_SHIFT)):
             return "latent_order"
+    if name == "mmdit.velocity" and "mmdit.final.linear" in ours:
+        if _unpatchify_slip(a, ours["mmdit.final.linear"], tol):
+            return "unpatchify_order"
     if leaf in ("sdpa", "sdpa2"):
         cause = _attention_cause(name, a, ours, tol)
         if cause:

@@ -101,6 +101,12 @@ def _per_stream_attention():
         yield
 
 
+def _unpatchify_channels_first(x, h, w, p, c):
+    """The slip: each token's features read as (c, pi, pj) instead of (pi, pj, c)."""
+    B = x.shape[0]
+    return x.reshape(B, h, w, c, p, p).transpose(0, 1, 4, 2, 5, 3).reshape(B, h * p, w * p, c)
+
+
 def _sai_pooled_only():
     """The ``sai`` convention with diffusers' zero-token count: its pooled vector is the only change."""
     return _patched(conditioning, "MISSING_T5_TOKENS",
@@ -176,6 +182,9 @@ TRAPS = {
                            mmdit, "_attention", _attention_merged_without_transpose))),
     "split_attention": Trap("split_attention", "context and image tokens attend only within their own stream",
                             lambda r: dataclasses.replace(r, patch=_per_stream_attention)),
+    "unpatchify_order": Trap("unpatchify_order", "velocity patches read channels first",
+                             lambda r: dataclasses.replace(r, patch=lambda: _patched(
+                                 mmdit, "unpatchify", _unpatchify_channels_first))),
     "latent_order": Trap("latent_order", "decoder input (z + shift)/scale instead of z/scale + shift",
                          lambda r: dataclasses.replace(r, patch=lambda: _patched(
                              vae, "from_latent", _from_latent_shift_then_scale))),

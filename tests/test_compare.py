@@ -33,7 +33,8 @@ def expected_first(trap_id, config):
             # the joint attention's output, the context stream's rows first
             "attention_scale": "mmdit.blocks.0.context.sdpa",
             "head_merge": "mmdit.blocks.0.context.sdpa",
-            "split_attention": "mmdit.blocks.0.context.sdpa"}[trap_id]
+            "split_attention": "mmdit.blocks.0.context.sdpa",
+            "unpatchify_order": "mmdit.velocity"}[trap_id]
 
 
 CASES = [(s, t) for s in traps.SETS for t in traps.TRAPS]
@@ -64,6 +65,44 @@ def test_rounded_timestep_found_from_the_sinusoid_alone():
     del theirs["mmdit.timestep"]
     v = compare.compare(theirs, ours)["verdict"]
     assert (v["first_divergent"], v["cause"]) == ("mmdit.t_freq", "timestep_rounding")
+
+
+def _velocity_from(tokens, h, w, p, c, major, order):
+    """The final layer's tokens (B, h·w, p·p·c) put back as a port might: tokens row- or column-major,
+    each token's features in the given order of (p: row in patch, q: column, c: channel)."""
+    B = tokens.shape[0]
+    grid = tokens.reshape(B, h, w, -1) if major == "rows" else tokens.reshape(B, w, h, -1).transpose(0, 2, 1, 3)
+    patches = grid.reshape(B, h, w, *[{"p": p, "q": p, "c": c}[a] for a in order])
+    patches = patches.transpose(0, 1, 2, *[3 + order.index(a) for a in "pqc"])  # → (B, h, w, p, q, c)
+    return patches.transpose(0, 1, 3, 2, 4, 5).reshape(B, h * p, w * p, c)
+
+
+@pytest.mark.parametrize("major,order", [("rows", "qpc"), ("rows", "cpq"), ("columns", "pqc"), ("columns", "cqp")])
+def test_every_unpatchify_slip_is_named(major, order):
+    run, ours = reference("sd3")
+    v, tokens = ours["mmdit.velocity"], ours["mmdit.final.linear"]
+    B, H, W, C = v.shape
+    p = run.model.config.mmdit_patch_size
+    np.testing.assert_array_equal(_velocity_from(tokens, H // p, W // p, p, C, "rows", "pqc"), v)  # ours
+    theirs = {**ours, "mmdit.velocity": _velocity_from(tokens, H // p, W // p, p, C, major, order)}
+    verdict = compare.compare(theirs, ours)["verdict"]
+    expected = "unpatchify_order" if (major, order) != ("columns", "cqp") else "unknown"  # not a listed slip
+    assert (verdict["first_divergent"], verdict["cause"]) == ("mmdit.velocity", expected)
+
+
+def test_heads_merged_per_stream_without_the_transpose_is_named():
+    # the other form of head_merge: the joint output split per stream first, each reshaped without the transpose
+    run, ours = reference("sd35")
+    theirs = dict(ours)
+    q, k, v = (np.concatenate([ours[f"mmdit.blocks.0.{s}.{t}"] for s in ("context", "x")], axis=2) for t in "qkv")
+    heads, hd = q.shape[1], q.shape[3]
+    out = compare._attend(q, k, v, 1.0 / np.sqrt(hd))
+    lc = ours["mmdit.blocks.0.context.q"].shape[2]
+    for stream, rows in (("context", slice(0, lc)), ("x", slice(lc, None))):
+        part = np.ascontiguousarray(out[:, :, rows])
+        theirs[f"mmdit.blocks.0.{stream}.sdpa"] = part.reshape(part.shape[0], -1, heads * hd)
+    verdict = compare.compare(theirs, ours)["verdict"]
+    assert (verdict["first_divergent"], verdict["cause"]) == ("mmdit.blocks.0.context.sdpa", "head_merge")
 
 
 @pytest.mark.parametrize("set_name", traps.SETS)
