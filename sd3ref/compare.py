@@ -149,6 +149,10 @@ CATALOGUE = {t.id: t for t in [
          "The attention output is what each stream gives attending to itself alone: MMDiT's attention is "
          "joint — the context and image tokens' q, k and v form one sequence [context; x] with no mask, and "
          "the output is split back per stream. (SD3.5's attn2 alone is image-only.)"),
+    Trap("qk_norm", "q / k without their RMSNorm (SD3.5's ln_q, ln_k)",
+         "Theirs, RMS-normalised over each head's hd values and scaled by a per-component weight, is ours: "
+         "the port skipped SD3.5's qk-norm (per head RMSNorm with a learned weight, eps 1e-6, on q and k of "
+         "both streams and of attn2) — or normalised where the model has none."),
     Trap("unpatchify_order", "velocity unpatchified in the wrong order",
          "The final layer's output agrees and the velocity holds its values in other places: each token's "
          "p·p·C features are ordered (row in the patch, column in the patch, channel) — (c, p, q) in diffusers' "
@@ -226,6 +230,19 @@ def _attention_cause(name, a, ours, tol):
     return None
 
 
+def _rms_scaled(theirs, ours, tol) -> bool:
+    """Whether ``ours`` (B, heads, L, hd) is ``theirs`` RMS-normalised over hd times a weight per hd component
+    (fitted by least squares), or the other way round: one side has a qk-norm the other lacks."""
+    for x, y in ((theirs, ours), (ours, theirs)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        n = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        axes = tuple(range(n.ndim - 1))
+        weight = (n * y).sum(axes) / np.maximum((n * n).sum(axes), 1e-30)
+        if _close(n * weight, y, tol):
+            return True
+    return False
+
+
 def _unpatchify_slip(v, tokens, tol) -> bool:
     """Whether THEIR velocity ``v`` (B, H, W, C) is OUR final-layer ``tokens`` (B, h·w, p·p·C) put back with the
     features read as (C, p, p) or with the patch's rows and columns exchanged, or with tokens column-major."""
@@ -297,6 +314,8 @@ def diagnose(name: str, theirs: dict, ours: dict, row: dict, rtol: float) -> str
     if name == "mmdit.velocity" and "mmdit.final.linear" in ours:
         if _unpatchify_slip(a, ours["mmdit.final.linear"], tol):
             return "unpatchify_order"
+    if leaf in ("q", "k", "q2", "k2") and name.startswith("mmdit.") and _rms_scaled(a, b, tol):
+        return "qk_norm"
     if leaf in ("sdpa", "sdpa2"):
         cause = _attention_cause(name, a, ours, tol)
         if cause:

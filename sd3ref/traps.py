@@ -182,6 +182,10 @@ TRAPS = {
                            mmdit, "_attention", _attention_merged_without_transpose))),
     "split_attention": Trap("split_attention", "context and image tokens attend only within their own stream",
                             lambda r: dataclasses.replace(r, patch=_per_stream_attention)),
+    "qk_norm": Trap("qk_norm", "SD3.5's q / k RMSNorm left out",
+                    lambda r: dataclasses.replace(r, model=dataclasses.replace(
+                        r.model, config=dataclasses.replace(r.model.config, mmdit_qk_norm=None))),
+                    lambda r: r.model.config.mmdit_qk_norm is not None),
     "unpatchify_order": Trap("unpatchify_order", "velocity patches read channels first",
                              lambda r: dataclasses.replace(r, patch=lambda: _patched(
                                  mmdit, "unpatchify", _unpatchify_channels_first))),

@@ -34,7 +34,8 @@ def expected_first(trap_id, config):
             "attention_scale": "mmdit.blocks.0.context.sdpa",
             "head_merge": "mmdit.blocks.0.context.sdpa",
             "split_attention": "mmdit.blocks.0.context.sdpa",
-            "unpatchify_order": "mmdit.velocity"}[trap_id]
+            "unpatchify_order": "mmdit.velocity",
+            "qk_norm": "mmdit.blocks.0.context.q"}[trap_id]
 
 
 CASES = [(s, t) for s in traps.SETS for t in traps.TRAPS]
