@@ -29,11 +29,14 @@ def _guarded(command, args) -> int:
         return reported(lambda: command(args), (PipelineError, TokenizerFileError))
 
 
-def _positive(text) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _at_least(low, kind=int):
+    """An argparse type: a ``kind`` number ≥ ``low`` (finite)."""
+    def parse(text):
+        n = kind(text)
+        if not n >= low or n == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number ≥ {low}, got {text}")
+        return n
+    return parse
 
 
 def _read_image(path, mode, size=None):
@@ -55,8 +58,32 @@ def _load_model(args):
     return load(args.weights, args.dtype, args.config, cache_gb=args.weight_cache_gb, encoders=encoders or None)
 
 
+def _naming(path, check, *args):
+    """``check(*args)``, its PipelineError prefixed with the file or folder it is about."""
+    from .pipeline import PipelineError
+
+    try:
+        check(*args)
+    except PipelineError as e:
+        raise PipelineError(f"{path}: {e}") from None
+
+
+def _image_format(path: Path) -> str:
+    """Pillow's format for the output's extension (.png, .jpg, .webp, ...)."""
+    from PIL import Image
+
+    from .pipeline import PipelineError
+
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise PipelineError(f"{path}: no image format to write for the extension {path.suffix!r} (use .png)")
+    return fmt
+
+
 def _writable(path: Path, args) -> None:
     from .pipeline import PipelineError
+
+    _image_format(path)
 
     parent = path.resolve().parent
     if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (
@@ -84,15 +111,21 @@ def _generate(args) -> int:
             raise pipeline.PipelineError("--mask needs --init-image")
         mask = _read_image(args.mask, "L", (image.shape[1], image.shape[0]))
     model = _load_model(args)
+    _naming(args.weights, pipeline.check_components, model)
     height, width = image.shape[:2] if image is not None else model.config.image_shape[:2]
-    if image is not None and (args.height or height, args.width or width) != (height, width):
+    asked = (height if args.height is None else args.height, width if args.width is None else args.width)
+    if image is not None and asked != (height, width):
         raise pipeline.PipelineError(f"{args.init_image} is {width}x{height}; --width/--height must match it")
-    height, width = args.height or height, args.width or width
-    pipeline.check_components(model)
+    height, width = asked
+    if image is not None:
+        _naming(args.init_image, pipeline.check_size, model, height, width)
+    if args.strength is not None and image is None:
+        warnings.warn("--strength applies only with --init-image: ignored")
     use_t5 = not args.no_t5 and model.config.t5 is not None
     tokenizers = pipeline.load_tokenizers(args.weights, args.convention, args.clip_l_tokenizer,
                                           args.clip_g_tokenizer, args.t5_tokenizer)
     pipeline.check_tokenizers(tokenizers, model.config)
+    _naming(args.weights, pipeline.check_t5_tokenizer, model, tokenizers, use_t5)
 
     def progress(stage, total):
         return tqdm(total=total, desc=f"{stage:>7}", unit="step", file=sys.stderr, leave=True)
@@ -100,11 +133,12 @@ def _generate(args) -> int:
     out = pipeline.generate(model, tokenizers, args.prompt, args.negative_prompt, height=height, width=width,
                             steps=args.steps, guidance=args.guidance, rng=np.random.default_rng(args.seed),
                             convention=args.convention, use_t5=use_t5, image=image, mask=mask,
-                            strength=args.strength, progress=progress, t5_length=args.t5_length)
+                            strength=0.8 if args.strength is None else args.strength, progress=progress,
+                            t5_length=args.t5_length)
     from converters.tensors import atomic_output
 
     with atomic_output(output, force=True) as tmp:  # never a half-written PNG (Ctrl-C, full disk)
-        Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(tmp, format="PNG")
+        Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(tmp, format=_image_format(output))
     print(f"{width}x{height} {model.dtype} {args.convention} -> {output}")
     return 0
 
@@ -126,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("sets", nargs="*", help="golden sets to check (default: all)")
     p.add_argument("--golden", default=str(verify.GOLDEN), help="golden fixture folder (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
-    p.set_defaults(func=verify.main)
+    p.set_defaults(func=lambda args: _guarded(verify.main, args))
 
     p = commands.add_parser("generate", help="text-to-image, image-to-image or inpainting to a PNG "
                                              "(default weights: the tiny embedded golden model)")
@@ -136,10 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--guidance", type=float, default=7.0, help="≤ 1 skips the unconditional pass")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--convention", default="keras", choices=conditioning.CONVENTIONS)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--weight-cache-gb", type=float, default=0.0, metavar="GB",
+    p.add_argument("--weight-cache-gb", type=_at_least(0.0, float), default=0.0, metavar="GB",
                    help="keep up to GB of MMDiT weights upcast after the first step (SD3-medium: 7.8 GiB in "
                         "float32, ~7%% faster steps in bench.end_to_end; default 0: re-read every step, "
                         "minimal memory)")
@@ -154,13 +188,14 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name}-tokenizer", metavar="PATH",
                        help="tokenizer folder" + (" or file (spiece.model, vocabulary.spm, tokenizer.json)" if name == "t5" else ""))
     p.add_argument("--no-t5", action="store_true", help="run without T5 even if the weights hold it")
-    p.add_argument("--t5-length", type=_positive, metavar="N",
+    p.add_argument("--t5-length", type=_at_least(1), metavar="N",
                    help="T5 tokens (diffusers' max_sequence_length, also its zero tokens without T5); default: "
                         "a KerasHub preset's T5Preprocessor length, else 256 (keras, diffusers) or max(77, n + 1) (sai)")
     p.add_argument("--init-image", help="image-to-image / inpainting input")
-    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--strength", type=float, help="with --init-image: how much to repaint, 0-1 (default 0.8)")
     p.add_argument("--mask", help="inpainting mask, same size as the init image: white (> 0.5) = repaint")
-    p.add_argument("-o", "--output", default="sd3ref.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("-o", "--output", default="sd3ref.png",
+                   help="image to write, its format from the extension (default: %(default)s)")
     p.set_defaults(func=lambda args: _guarded(_generate, args))
 
     p = commands.add_parser("info", help="what a checkpoint holds: format, components, dtypes, parameters, config")
@@ -178,7 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--convention", default="diffusers", choices=conditioning.CONVENTIONS)
     p.add_argument("--config", help="config for a Stability file without metadata (see sd3ref.load)")
-    p.set_defaults(func=trace.main)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.set_defaults(func=lambda args: _guarded(trace.main, args))
 
     p = commands.add_parser("compare", help="compare a port's trace with sd3ref's and name the first divergence")
     p.add_argument("theirs", help="the port's (or a framework's) trace, .safetensors")
@@ -187,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--rtol", type=float, help="default 1e-10 if both traces are float64, else 1e-5")
     p.add_argument("--atol", type=float, default=0.0)
     p.add_argument("--json", action="store_true", help="print rows and verdict as JSON")
-    p.set_defaults(func=compare.main)
+    p.set_defaults(func=lambda args: _guarded(compare.main, args))
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -415,7 +415,11 @@ def main(args) -> int:
     mapping = None
     if args.map:
         with open(args.map) as f:
-            mapping = json.load(f)
+            try:
+                mapping = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                print(f"error: {args.map}: not JSON ({e})", file=sys.stderr)
+                return 1
     try:
         result = compare(theirs, ours, mapping, args.rtol, args.atol)
     except ValueError as e:  # a map the comparison cannot use

@@ -330,11 +330,19 @@ def check_size(model: Model, height: int, width: int) -> None:
     c = model.config
     unit = 8 * c.mmdit_patch_size  # VAE downsampling × patch size
     if height % unit or width % unit or height < unit or width < unit:
-        raise PipelineError(f"height and width must be positive multiples of {unit} (8 × patch size "
-                            f"{c.mmdit_patch_size}), got {height}x{width}")
+        raise PipelineError(f"width and height must be positive multiples of {unit} (8 × patch size "
+                            f"{c.mmdit_patch_size}), got {width}x{height}")
     if max(height, width) > unit * c.mmdit_position_size:
-        raise PipelineError(f"{height}x{width} exceeds this model's position table: at most "
+        raise PipelineError(f"{width}x{height} exceeds this model's position table: at most "
                             f"{unit * c.mmdit_position_size} pixels a side")
+
+
+def check_t5_tokenizer(model: Model, tokenizers: Tokenizers, use_t5=True) -> None:
+    """T5 is never left out silently: a model with T5 needs a T5 tokenizer unless ``use_t5`` is False."""
+    if use_t5 and model.config.t5 is not None and tokenizers.t5 is None:
+        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded: pass T5's spiece.model, "
+                            "vocabulary.spm or tokenizer.json (load_tokenizers(t5=...), --t5-tokenizer), "
+                            "or run without T5 (use_t5=False, --no-t5)")
 
 
 def check_components(model: Model) -> None:
@@ -369,16 +377,13 @@ def generate(model: Model, tokenizers: Tokenizers, prompts, negative_prompt="", 
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
         raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    if use_t5 and model.config.t5 is not None and tokenizers.t5 is None:
-        raise PipelineError("the weights hold T5 but no T5 tokenizer was loaded: pass T5's spiece.model, "
-                            "vocabulary.spm or tokenizer.json (load_tokenizers(t5=...), --t5-tokenizer), "
-                            "or run without T5 (use_t5=False, --no-t5)")
+    check_t5_tokenizer(model, tokenizers, use_t5)
     check_components(model)
     check_size(model, height, width)
     if steps < 1:
         raise PipelineError(f"steps must be at least 1, got {steps}")
-    if guidance < 0:
-        raise PipelineError(f"guidance must not be negative, got {guidance}")
+    if not guidance >= 0 or guidance == float("inf"):  # NaN fails the first test
+        raise PipelineError(f"guidance must be a finite number ≥ 0, got {guidance}")
     if not 0 <= strength <= 1:
         raise PipelineError(f"strength must be in [0, 1], got {strength}")
     rng = np.random.default_rng(0) if rng is None else rng

@@ -68,32 +68,42 @@ def tracing(path=None, metadata: dict | None = None):
         save(tensors, path, metadata)
 
 
-def save(tensors: dict, path, metadata: dict | None = None) -> None:
+def _write(tensors: dict, path, metadata: dict | None) -> None:
     """Write a trace (name -> array) as safetensors, keeping the order of ``tensors`` in the metadata."""
-    from pathlib import Path
-
-    from safetensors.numpy import save_file
-
-    from converters.tensors import atomic_output
+    from converters.tensors import write_safetensors
 
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta = {META_KEY: json.dumps({"order": list(tensors), **meta})}
-    with atomic_output(Path(path), force=True) as tmp:  # never a half-written trace
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    with open(path, "wb") as f:
+        write_safetensors(f, [(k, a.shape, a.dtype, lambda a=a: a) for k, a in arrays.items()], meta)
+
+
+def save(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``_write`` through a temporary file: never a half-written trace."""
+    from pathlib import Path
+
+    from converters.tensors import atomic_output
+
+    with atomic_output(Path(path), force=True) as tmp:
+        _write(tensors, tmp, metadata)
 
 
 def load(path) -> tuple[dict, dict]:
     """(tensors in execution order, metadata) of a trace file. A file written by other tools (no order
     metadata) comes back in the file's own order."""
-    from safetensors import safe_open
+    from converters.tensors import FormatError, SafetensorsFile
 
-    with safe_open(str(path), "numpy") as f:
-        metadata = dict(f.metadata() or {})
+    f = SafetensorsFile(path)  # a bad file is one FormatError naming it
+    metadata = dict(f.metadata)
+    try:
         metadata.update(json.loads(metadata.pop(META_KEY, "{}")))
-        names = list(f.keys())
-        order = metadata.pop("order", [])
-        names = [n for n in order if n in names] + [n for n in names if n not in order]
-        return {n: f.get_tensor(n) for n in names}, metadata
+    except json.JSONDecodeError:
+        raise FormatError(f"{path}: metadata {META_KEY} is not JSON") from None
+    names = list(f.tensors)
+    order = metadata.pop("order", [])
+    names = [n for n in order if n in names] + [n for n in names if n not in order]
+    return {n: np.array(f.read(n)) for n in names}, metadata
 
 
 def run(model, inputs: dict, convention="diffusers") -> None:
@@ -121,12 +131,22 @@ def main(args) -> int:
     from .model import load
     from .verify import load_npz
 
-    inputs = {}
-    for path in args.inputs:
-        inputs.update(load_npz(path))
-    model = load(args.source, args.dtype, args.config)
-    meta = {"source": args.source, "dtype": model.dtype, "convention": args.convention, "tool": "sd3ref"}
-    with tracing(args.output, meta) as tensors:
-        run(model, inputs, args.convention)
+    from pathlib import Path
+
+    from converters.tensors import FormatError, atomic_output
+
+    # refused before any work: an existing output without --force, an output that would replace an input
+    with atomic_output(Path(args.output), args.force, inputs=[args.source, *args.inputs]) as tmp:
+        inputs = {}
+        for path in args.inputs:
+            inputs.update(load_npz(path))
+        model = load(args.source, args.dtype, args.config)
+        with tracing() as tensors:
+            run(model, inputs, args.convention)
+        if not tensors:
+            raise FormatError(f"{', '.join(args.inputs)}: none of the inputs a trace runs on "
+                              "(tokens/*, mmdit/*, vae/image, vae/z)")
+        _write(tensors, tmp, {"source": args.source, "dtype": model.dtype, "convention": args.convention,
+                              "tool": "sd3ref"})
     print(f"{len(tensors)} tensors ({model.dtype}) -> {args.output}")
     return 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,14 @@ def golden_sets(root=GOLDEN) -> list[str]:
 
 
 def load_npz(path) -> dict:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    """The arrays of an .npz file; a file that is not one is a FormatError naming it."""
+    from converters.tensors import FormatError
+
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # not an archive, truncated, pickled objects
+        raise FormatError(f"{path}: not a NumPy .npz archive ({str(e).splitlines()[0]})") from None
 
 
 def _nhwc(x, reference_file):

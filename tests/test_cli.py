@@ -113,11 +113,14 @@ def _vocab_too_big(tmp_path):
 
 
 BAD = {
-    "unknown weights format": (lambda d, t: ["--weights", str(d / "broken.png")], ""),
+    "unknown weights format": (lambda d, t: ["--weights", str(d / "broken.png")], "broken.png: not a safetensors"),
     "tokenizer vocabulary": (lambda d, t: ["--clip-l-tokenizer", str(_vocab_too_big(t))], "575 tokens but"),
     "width": (lambda d, t: ["--width", "40"], "multiples of 16"),
     "steps": (lambda d, t: ["--steps", "0"], "steps must be at least 1"),
-    "guidance": (lambda d, t: ["--guidance", "-1"], "guidance must not be negative"),
+    "guidance": (lambda d, t: ["--guidance", "-1"], "guidance must be a finite number ≥ 0"),
+    "guidance nan": (lambda d, t: ["--guidance", "nan"], "guidance must be a finite number ≥ 0, got nan"),
+    "width 0": (lambda d, t: ["--width", "0"], "got 0x48"),
+    "output extension": (lambda d, t: ["-o", str(t / "o.xyz")], "o.xyz: no image format"),
     "mask size": (lambda d, t: ["--init-image", str(d / "init.png"), "--mask", str(d / "small_mask.png")],
                   "the mask is 32x32, the image 48x48"),
     "init image": (lambda d, t: ["--init-image", str(d / "broken.png")], "broken.png"),
@@ -140,6 +143,53 @@ def test_bad_input_is_one_line(capsys, images, tmp_path, case):
     assert message in lines[0], lines[0]
 
 
+def _tools_bad_input(t):
+    """(arguments, what the one error line must say) for verify / trace / compare."""
+    from sd3ref import trace
+
+    (t / "bad.npz").write_bytes(b"not an archive")
+    (t / "bad.json").write_text("{bad")
+    (t / "short.safetensors").write_bytes(b"short")
+    np.savez(t / "other.npz", other=np.zeros(2))
+    shutil.copyfile(SET / "sai.safetensors", t / "sai.safetensors")
+    with trace.tracing(str(t / "trace.safetensors"), {}):
+        trace.record("x", np.zeros(2))
+    traced = str(t / "trace.safetensors")
+    out = ["-o", str(t / "o.safetensors")]
+    return {
+        "verify: unknown set": (["verify", "nosuchset"], "nosuchset"),
+        "trace: missing source": (["trace", str(t / "nothing"), "--inputs", str(SET / "inputs.npz"), *out], "nothing"),
+        "trace: missing inputs": (["trace", str(SET / "keras"), "--inputs", str(t / "none.npz"), *out], "none.npz"),
+        "trace: not an npz": (["trace", str(SET / "keras"), "--inputs", str(t / "bad.npz"), *out],
+                              "bad.npz: not a NumPy .npz archive"),
+        "trace: no known inputs": (["trace", str(SET / "keras"), "--inputs", str(t / "other.npz"), *out],
+                                   "other.npz: none of the inputs"),
+        "trace: output is the source": (["trace", str(t / "sai.safetensors"), "--config", str(SET / "keras"),
+                                         "--inputs", str(SET / "inputs.npz"), "-o", str(t / "sai.safetensors")],
+                                        "would replace the input"),
+        "trace: output exists": (["trace", str(SET / "keras"), "--inputs", str(SET / "inputs.npz"), "-o", traced],
+                                 "already exists (use --force"),
+        "compare: missing trace": (["compare", str(t / "none.safetensors"), traced], "none.safetensors"),
+        "compare: not a trace": (["compare", str(t / "short.safetensors"), traced],
+                                 "short.safetensors: not a safetensors file"),
+        "compare: map not JSON": (["compare", traced, traced, "--map", str(t / "bad.json")], "bad.json: not JSON"),
+    }
+
+
+@pytest.mark.parametrize("case", ["verify: unknown set", "trace: missing source", "trace: missing inputs",
+                                  "trace: not an npz", "trace: no known inputs", "trace: output is the source",
+                                  "trace: output exists", "compare: missing trace", "compare: not a trace",
+                                  "compare: map not JSON"])
+def test_tools_bad_input_is_one_line(capsys, tmp_path, case):
+    args, message = _tools_bad_input(tmp_path)[case]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    code, out, err = run(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+
+
 def test_long_prompt_warns_and_runs(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--prompt", "cat " * 100, "--steps", "1", "-o", str(tmp_path / "o.png"))
     assert code == 0
@@ -155,4 +205,4 @@ def test_weights_without_a_needed_component(capsys, tmp_path):
     save_file(tensors, tmp_path / "mmdit.safetensors")
     code, _, err = run(capsys, "generate", "--prompt", "x", "--weights", str(tmp_path / "mmdit.safetensors"),
                        "-o", str(tmp_path / "o.png"))
-    assert code == 1 and err.startswith("error: the weights have no clip_l"), err
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'mmdit.safetensors'}: the weights have no clip_l"), err
