@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -36,14 +37,18 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def reported(run, expected=()) -> int:
     """Run a command and return its exit status: any expected failure (bad files, sizes, paths, and the
-    ``expected`` exception types) becomes one ``error:`` line on stderr and status 1, Ctrl-C status 130; a
+    ``expected`` exception types) becomes one ``error:`` line on stderr and status 1, a warning one
+    ``warning:`` line, Ctrl-C status 130; a
     closed stdout (``... | head``) ends quietly with status 0. Shared by the converters and ``sd3ref``."""
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals stay as they are
         previous = None
     try:
-        status = run() or 0
+        with warnings.catch_warnings():  # each warning one "warning:" line, as the errors
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+            status = run() or 0
         sys.stdout.flush()  # inside the try: a closed pipe shows up at the flush of buffered output
         return status
     except BrokenPipeError:  # the reader left; nothing to report, and no second error at exit's flush

@@ -82,6 +82,11 @@ def make_plan(source: str, fmt: str, cfg: SD3Config, catalog: Catalog, layout, e
     ``extras(name)`` gives why a leftover source tensor may be dropped, or None."""
     shapes = canonical.expected_shapes(cfg)
     missing, misshapen, bad_dtype, rules, used = [], [], [], {}, set()
+
+    def where(name):  # a tensor from a separate file (a Stability text encoder) names that file
+        file = catalog.info(name).file
+        return f" in {file}" if file and str(file) != str(source) else ""
+
     for comp in canonical.present_components(cfg):
         for rule in layout.rules(cfg, comp):
             used.update(rule.sources)
@@ -94,13 +99,14 @@ def make_plan(source: str, fmt: str, cfg: SD3Config, catalog: Catalog, layout, e
             want = rule.op.source_shapes(shapes[rule.canonical])
             for s, w in zip(rule.sources, want):
                 if catalog.info(s).shape != w:
-                    misshapen.append(f"{s} {list(catalog.info(s).shape)} (expected {list(w)})")
+                    misshapen.append(f"{s} {list(catalog.info(s).shape)} (expected {list(w)}){where(s)}")
             dtypes = {catalog.info(s).dtype for s in rule.sources}
             if not dtypes <= set(FLOAT_DTYPES) or len(dtypes) > 1:
-                bad_dtype.append(f"{rule.sources[0]} {'/'.join(sorted(dtype_name(d) for d in dtypes))}")
+                bad_dtype.append(f"{rule.sources[0]} {'/'.join(sorted(dtype_name(d) for d in dtypes))}"
+                                 f"{where(rule.sources[0])}")
             rules[rule.canonical] = rule
     dropped = {n: extras(n) for n in catalog.tensors if n not in used and extras(n)}
-    unexpected = sorted(n for n in catalog.tensors if n not in used and n not in dropped)
+    unexpected = [n + where(n) for n in sorted(catalog.tensors) if n not in used and n not in dropped]
     problems = [f"{label}: {_short(items)}" for label, items in
                 (("missing tensors", missing), ("unexpected tensors", unexpected),
                  ("wrong shape", misshapen), ("not a float dtype or mixed parts", bad_dtype)) if items]

@@ -16,17 +16,14 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "golden" / "sd3" / "keras"
 
 
 def _guarded(command, args) -> int:
-    """Expected failures (bad files, sizes, paths) are one line on stderr and exit status 1, as in the
-    converters (``converters.cli.reported``); warnings are one ``warning:`` line each."""
+    """Expected failures (bad files, sizes, paths) are one line on stderr and exit status 1, warnings one
+    ``warning:`` line each, as in the converters (``converters.cli.reported``)."""
     from converters.cli import reported
 
     from .pipeline import PipelineError
     from .tokenizers import TokenizerFileError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-        return reported(lambda: command(args), (PipelineError, TokenizerFileError))
+    return reported(lambda: command(args), (PipelineError, TokenizerFileError))
 
 
 def _at_least(low, kind=int):

@@ -92,10 +92,16 @@ def _split_fused(theirs: dict, ours: dict, scale_shift: list) -> dict:
 def apply_map(theirs: dict, ours: dict, mapping: dict | None) -> dict:
     """THEIRS renamed into OUR names, fused tensors split."""
     mapping = mapping or {}
+    unknown = sorted(set(mapping) - {"rename", "layout", "scale_shift"})
+    if unknown:
+        raise ValueError(f"unknown map keys {unknown} (rename, layout, scale_shift)")
     renamed = {}
     for name, a in theirs.items():
         for pattern, repl in mapping.get("rename", []):
-            name = re.sub(pattern, repl, name)
+            try:
+                name = re.sub(pattern, repl, name)
+            except re.error as e:
+                raise ValueError(f"rename pattern {pattern!r}: {e}") from None
         renamed[name] = a
     return _split_fused(renamed, ours, mapping.get("scale_shift", []))
 
@@ -112,13 +118,14 @@ class Trap:
 
 
 CATALOGUE = {t.id: t for t in [
-    Trap("missing_t5", "zero tokens for a missing T5 (154 vs 333 context tokens)",
+    Trap("missing_t5", "zero tokens for a missing T5 (154 or 333 context tokens)",
          "Without T5, KerasHub and Stability append 77 zero tokens to the 77 CLIP tokens (154), diffusers "
          "appends max_sequence_length = 256 (333). The joint attention has no mask: every zero token "
          "takes part (conditioning.MISSING_T5_TOKENS)."),
-    Trap("context_tokens", "T5 token count (77 vs 256) / context length",
-         "KerasHub and Stability run T5 on 77 tokens, diffusers on max_sequence_length = 256. T5 runs with "
-         "an all-ones mask, so even the real tokens' outputs depend on the number of pads."),
+    Trap("context_tokens", "T5 token count / context length",
+         "KerasHub runs T5 on its preset's T5Preprocessor length (256 by default, 77 in some presets), "
+         "diffusers on max_sequence_length (256 by default), Stability on max(77, prompt tokens + 1). T5 runs "
+         "with an all-ones mask, so even the real tokens' outputs depend on the number of pads."),
     Trap("pooled_projection", "CLIP-L pooled vector not projected (or projected)",
          "KerasHub and diffusers multiply CLIP-L's final-LN EOS state by text_projection; Stability's "
          "reference feeds the unprojected EOS state (convention 'sai'). A Stability CLIP-L file has no "

@@ -487,6 +487,17 @@ def infer_from_shapes(shapes: dict) -> SD3Config:
     vae = _infer_vae(shapes, "first_stage_model.")
     ln_k = shapes.get(p + "joint_blocks.0.x_block.attn.ln_k.weight")
     head_dim = ln_k[0] if ln_k else 64  # qk-norm weights reveal the head width; otherwise Stability's 64
+    clip_l = _infer_clip(shapes, "text_encoders.clip_l.transformer.", "quick_gelu")
+    clip_g = _infer_clip(shapes, "text_encoders.clip_g.transformer.", "gelu")
+    guessed = [(name, width) for name, width, guess in (("MMDiT", hidden, not ln_k),
+                                                        ("CLIP-L", clip_l and clip_l.hidden_dim, True),
+                                                        ("CLIP-G", clip_g and clip_g.hidden_dim, True))
+               if guess and width and width % 64]
+    if guessed:  # every SD3 / SD3.5 width is a multiple of 64: this model's heads are narrower
+        import warnings
+
+        warnings.warn("head counts guessed from 64-wide heads, but " + ", ".join(f"{n} is {w} wide" for n, w in guessed)
+                      + ": pass the model's config (--config) for its real head counts")
     return SD3Config(
         mmdit_hidden_dim=hidden, mmdit_num_layers=layers, mmdit_num_heads=max(hidden // head_dim, 1),
         mmdit_position_size=side, mmdit_patch_size=patch,
@@ -496,9 +507,7 @@ def infer_from_shapes(shapes: dict) -> SD3Config:
         mmdit_context_dim=shapes[p + "context_embedder.weight"][1], mmdit_pooled_dim=shapes[p + "y_embedder.mlp.0.weight"][1],
         mmdit_mlp_ratio=shapes[p + "joint_blocks.0.x_block.mlp.fc1.weight"][0] / hidden,
         vae=vae,
-        clip_l=_infer_clip(shapes, "text_encoders.clip_l.transformer.", "quick_gelu"),
-        clip_g=_infer_clip(shapes, "text_encoders.clip_g.transformer.", "gelu"),
-        t5=_infer_t5(shapes, "text_encoders.t5xxl.transformer."),
+        clip_l=clip_l, clip_g=clip_g, t5=_infer_t5(shapes, "text_encoders.t5xxl.transformer."),
     )
 
 

@@ -84,7 +84,8 @@ def load_tokenizers(source=None, convention="keras", clip_l=None, clip_g=None, t
         raise PipelineError(f"{source or 'the weights'}: no {' / '.join(missing)} tokenizer found; pass {flags}")
     t5_file = _t5_file(paths["t5"]) if "t5" in paths else None
     if "t5" in paths and t5_file is None and t5 is not None:
-        raise TokenizerFileError(f"{t5}: no spiece.model, vocabulary.spm or tokenizer.json")
+        raise TokenizerFileError(f"{t5}: no such file or folder" if not Path(t5).exists() else
+                                 f"{t5}: no spiece.model, vocabulary.spm or tokenizer.json")
     return Tokenizers(CLIPTokenizer.from_dir(str(paths["clip_l"])),
                       CLIPTokenizer.from_dir(str(paths["clip_g"]), **_clip_g_options(convention)),
                       T5Tokenizer.from_file(str(t5_file)) if t5_file else None,

@@ -344,6 +344,9 @@ class CLIPTokenizer:
         ``special_tokens_map.json`` / ``tokenizer_config.json`` when present (so SD3's
         ``tokenizer_2`` behaves as in diffusers); keyword arguments override them.
         """
+        if not os.path.isdir(directory):
+            raise TokenizerFileError(f"{directory}: no such folder" if not os.path.exists(directory) else
+                                     f"{directory}: not a folder (a CLIP tokenizer is a folder of vocabulary and merges)")
         defaults = _hf_folder_defaults(directory)
         if "pad_id" in kwargs:
             defaults.pop("pad_token", None)

@@ -60,8 +60,10 @@ def same_bits(a, b) -> bool:
 
 
 def assert_error(status, err, *names):
+    """Exit status 1 and one error line naming ``names`` (after any one-line warnings: the tiny golden
+    models' head counts cannot be guessed from a Stability file)."""
     assert status == 1
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in names:
         assert str(n) in lines[0], (n, lines[0])
@@ -242,6 +244,23 @@ def test_swapped_clip_files_are_refused(tmp_path, given, shape):
     with pytest.raises(ConversionError, match="swapped CLIP-L and CLIP-G") as e:
         open_source(main, encoders={given: path})
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_separate_encoder_file_is_named_in_shape_errors(tmp_path):
+    # The golden CLIPs given the wrong way round, with the set's config: each misfit names its own file
+    from safetensors.numpy import load_file, save_file
+
+    from converters.sources import ConversionError
+    tensors = load_file(str(GOLDEN / SETS[0] / "sai.safetensors"))
+    save_file({n: t for n, t in tensors.items() if not n.startswith("text_encoders.")}, str(tmp_path / "main.safetensors"))
+    for comp in ("clip_l", "clip_g"):
+        prefix = f"text_encoders.{comp}.transformer."
+        save_file({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}, str(tmp_path / f"{comp}.safetensors"))
+    with pytest.raises(ConversionError) as e:
+        open_source(tmp_path / "main.safetensors", open_source(GOLDEN / SETS[0] / "keras").config,
+                    {"clip_l": tmp_path / "clip_g.safetensors", "clip_g": tmp_path / "clip_l.safetensors"})
+    message = str(e.value)
+    assert "token_embedding.weight" in message and f"in {tmp_path / 'clip_g.safetensors'}" in message, message
 
 
 def cast_f8(a: np.ndarray) -> np.ndarray:

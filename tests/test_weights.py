@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,15 @@ def test_membership_does_not_read_the_tensor(monkeypatch):
     name = next(iter(weights))
     monkeypatch.setattr(weights.plan, "read", lambda n: pytest.fail(f"read {n} for a membership test"))
     assert name in weights and "no.such.tensor" not in weights
+
+
+@needs_golden
+def test_guessed_head_counts_warn_when_heads_cannot_be_64_wide():
+    # The golden models are 32 / 48 wide: a Stability file without metadata cannot show their head counts
+    with pytest.warns(UserWarning, match=r"MMDiT is 32 wide, CLIP-L is 32 wide, CLIP-G is 48 wide: pass"):
+        _, guessed = load_weights(GOLDEN / "sd3" / "sai.safetensors")
+    assert guessed.mmdit_num_heads == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, cfg = load_weights(GOLDEN / "sd3" / "sai.safetensors", config=GOLDEN / "sd3" / "diffusers")
+    assert cfg.mmdit_num_heads == 2
