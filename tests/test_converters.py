@@ -6,6 +6,7 @@ parameter totals of the reference notes (sd3_ports_and_layouts.md §2, §6)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -24,7 +25,9 @@ from sd3ref.config import CLIPConfig, SD3Config, T5Config
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
 SETS = [s for s in ("sd3", "sd35", "sd3_no_t5") if (GOLDEN / s / "sai.safetensors").is_file()]
-MANIFESTS = Path("/work/shared/reference/kerashub_h5_manifests")
+# Every dataset path, shape and dtype of the real KerasHub SD3-medium and SD3.5-medium .weights.h5 files
+# (listed from the published presets' files; gzipped TSV)
+MANIFESTS = Path(__file__).resolve().parent / "data"
 needs_golden = pytest.mark.skipif(not SETS, reason="golden sets not generated")
 
 
@@ -312,7 +315,9 @@ SD35_LARGE = SD3Config(2432, 38, 38, 192, mmdit_qk_norm="rms_norm", clip_l=CLIP_
 @pytest.mark.parametrize("cfg,tsv", [(SD3_MEDIUM, "stable_diffusion_3_medium"), (SD35_MEDIUM, "stable_diffusion_3.5_medium")])
 def test_keras_mapping_covers_the_real_kerashub_files(cfg, tsv):
     manifest = {}
-    for line in (MANIFESTS / f"kerashub_sd3_h5_manifest_{tsv}.tsv").read_text().splitlines():
+    with gzip.open(MANIFESTS / f"kerashub_sd3_h5_manifest_{tsv}.tsv.gz", "rt") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         if line and not line.startswith("#"):
             path, shape, _ = line.split("\t")
             manifest[path] = tuple(json.loads(shape))
