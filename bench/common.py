@@ -4,6 +4,7 @@ random full-size SD3-medium configs and weights. Benchmarks never run in CI (a s
 from __future__ import annotations
 
 import glob
+import os
 import time
 
 import numba
@@ -29,6 +30,22 @@ def tensor_init(shape, dtype, rng):
 def random_weights(shapes: dict, dtype="float32", seed=0) -> dict:
     rng = np.random.default_rng(seed)
     return {n: tensor_init(s, dtype, rng) for n, s in shapes.items()}
+
+
+def random_canonical(config: SD3Config, path: str, shapes: dict | None = None) -> dict:
+    """A random float16 canonical file of ``shapes`` (default: every tensor of ``config``) at ``path``,
+    written once (one tensor in memory at a time) and reused afterwards. Returns the shapes."""
+    from converters import canonical
+    from converters.tensors import write_safetensors
+
+    shapes = canonical.expected_shapes(config) if shapes is None else shapes
+    if not os.path.exists(path):
+        rng = np.random.default_rng(0)
+        entries = [(n, s, np.dtype(np.float16), lambda s=s: tensor_init(s, np.float16, rng)) for n, s in shapes.items()]
+        with open(path + ".part", "wb") as f:
+            write_safetensors(f, entries, {"sd3ref.format": canonical.FORMAT, "sd3ref.config": config.to_json()})
+        os.replace(path + ".part", path)
+    return shapes
 
 
 def best_of(fn, repeat=3):

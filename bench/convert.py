@@ -21,9 +21,7 @@ import time
 
 import numpy as np
 
-from bench.common import sd3_medium, tensor_init
-from converters import canonical
-from converters.tensors import write_safetensors
+from bench.common import random_canonical, sd3_medium
 from sd3ref.config import CLIPConfig, SD3Config, T5Config
 
 
@@ -48,16 +46,6 @@ def full_size_config(layers=24, hidden=1536, heads=24, position=192, clip_scale=
                         "mmdit_pooled_dim": clip_l.hidden_dim + clip_g.hidden_dim, "clip_l": clip_l, "clip_g": clip_g,
                         "t5": t5})
 
-
-def random_canonical(config: SD3Config, path: str) -> dict:
-    shapes = canonical.expected_shapes(config)
-    if not os.path.exists(path):
-        rng = np.random.default_rng(0)
-        entries = [(n, s, np.dtype(np.float16), lambda s=s: tensor_init(s, np.float16, rng)) for n, s in shapes.items()]
-        with open(path + ".part", "wb") as f:
-            write_safetensors(f, entries, {"sd3ref.format": canonical.FORMAT, "sd3ref.config": config.to_json()})
-        os.replace(path + ".part", path)
-    return shapes
 
 
 # Runs a module as `python -m` would, then writes the process's own peak RSS (VmHWM, KiB) to a file. Not

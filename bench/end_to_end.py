@@ -7,7 +7,8 @@ Writes the random canonical file once (one tensor in memory at a time; ~15.5 GB 
 at the end unless --keep), then runs the pipeline (``sd3ref.model.load`` → ``pipeline.encode_text`` →
 ``pipeline.text_to_image``) in a child process, so that the peak RSS is the run's own. Token ids are random
 (no full-size tokenizer files offline): BOS, random ids, EOS, padding, for the prompt and an empty negative
-prompt, at the convention's lengths (diffusers: 77 CLIP + 256 T5 tokens; keras: 77 + 77).
+prompt, at the convention's lengths (77 CLIP + 256 T5 tokens under diffusers and keras — KerasHub's
+T5Preprocessor default; 77 + 77 under sai).
 Baselines in the same run: the float32 matmul roofline (FLOP counts are the matmul work of each stage) and the
 peak RSS of a child that only imports. The float16 → float32 upcast of the MMDiT's and T5's weights is timed
 separately (one pass over each component, page cache warm) to give its share of a step / of the T5 stage.
@@ -25,8 +26,8 @@ import time
 
 import numpy as np
 
-from bench.common import matmul_gflops, rss_status
-from bench.convert import full_size_config, random_canonical, t5_xxl, timed
+from bench.common import matmul_gflops, random_canonical, rss_status
+from bench.convert import full_size_config, t5_xxl, timed
 from bench.mmdit import mmdit_flops
 from bench.vae import decode_flops
 

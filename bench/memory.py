@@ -16,24 +16,12 @@ import time
 
 import numpy as np
 
-from bench.common import peak_rss_gb, sd3_medium, tensor_init
+from bench.common import peak_rss_gb, random_canonical, sd3_medium
 from bench.mmdit import inputs
 from converters import canonical
-from converters.tensors import write_safetensors
 from sd3ref import mmdit, nn
 from sd3ref.weights import load_weights
 
-
-def fp16_file(config, path):
-    """Write the random float16 MMDiT once (one tensor in memory at a time) and reuse it afterwards."""
-    if not os.path.exists(path):
-        rng = np.random.default_rng(0)
-        entries = [(n, s, np.dtype(np.float16), lambda s=s: tensor_init(s, np.float16, rng))
-                   for n, s in canonical.mmdit_shapes(config).items()]
-        with open(path + ".part", "wb") as f:
-            write_safetensors(f, entries, {"format": canonical.FORMAT, "sd3ref.config": config.to_json()})
-        os.replace(path + ".part", path)
-    return path
 
 
 def main(argv=None):
@@ -43,7 +31,8 @@ def main(argv=None):
     ap.add_argument("--file", default=None, help="default /tmp/sd3ref_bench_mmdit_fp16_L{layers}.safetensors")
     a = ap.parse_args(argv)
     config = dataclasses.replace(sd3_medium(layers=a.layers), vae=None)  # an MMDiT-only file
-    path = fp16_file(config, a.file or f"/tmp/sd3ref_bench_mmdit_fp16_L{a.layers}.safetensors")
+    path = a.file or f"/tmp/sd3ref_bench_mmdit_fp16_L{a.layers}.safetensors"
+    random_canonical(config, path, canonical.mmdit_shapes(config))  # the MMDiT only
     weights, _ = load_weights(path, config=config)
     before = peak_rss_gb()
     t0 = time.perf_counter()

@@ -66,7 +66,7 @@ def run(sizes, repeat, config, torch_python=None, plain=True):
                              first_call=first, roofline_fraction=flops / best / 1e9 / roof))
             print(json.dumps(rows[-1]), flush=True)
     nn.use_kernels(True)
-    del weights, w
+    weights = w = None  # freed before torch loads its own copy
     if torch_python:
         for size in sizes:
             # By path, so that the torch interpreter needs none of sd3ref's dependencies (bench/__init__ imports

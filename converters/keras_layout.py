@@ -187,6 +187,3 @@ def rules(cfg: SD3Config, comp: str) -> list[Rule]:
     return table(cfg, comp).rules
 
 
-def group_names(cfg: SD3Config, comp: str) -> dict[str, str]:
-    """``vars`` group path -> the layer ``name`` attribute Keras writes on it."""
-    return table(cfg, comp).names

@@ -190,7 +190,8 @@ def main(argv=None) -> int:
                         "a KerasHub preset's T5Preprocessor length, else 256 (keras, diffusers) or max(77, n + 1) (sai)")
     p.add_argument("--init-image", help="image-to-image / inpainting input")
     p.add_argument("--strength", type=float, help="with --init-image: how much to repaint, 0-1 (default 0.8)")
-    p.add_argument("--mask", help="inpainting mask, same size as the init image: white (> 0.5) = repaint")
+    p.add_argument("--mask", help="inpainting mask, same size as the init image: white = repaint (> 0.5; "
+                                  "≥ 0.5 under --convention diffusers)")
     p.add_argument("-o", "--output", default="sd3ref.png",
                    help="image to write, its format from the extension (default: %(default)s)")
     p.set_defaults(func=lambda args: _guarded(_generate, args))

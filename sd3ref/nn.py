@@ -161,7 +161,7 @@ def relu(x):
     return np.maximum(x, 0)
 
 
-ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": gelu_erf, "quick_gelu": quick_gelu, "relu": relu, "silu": silu}
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": gelu_erf, "quick_gelu": quick_gelu, "relu": relu}
 
 
 def softmax(x, axis=-1):

@@ -294,7 +294,8 @@ def image_to_image(model: Model, cond: Conditioning, image, noise, steps: int, s
 
 def inpaint(model: Model, cond: Conditioning, image, mask, noise, steps: int, strength: float,
             guidance: float, vae_eps=None, convention="keras", on_step=None):
-    """As ``image_to_image``, repainting only where ``mask`` (B, H, W) > 0.5; elsewhere the result keeps
+    """As ``image_to_image``, repainting only where ``mask`` (B, H, W) is set (``latent_mask``: > 0.5 under
+    keras, ≥ 0.5 under diffusers); elsewhere the result keeps
     the image latents. Under ``convention="diffusers"`` the result is decoded without the latent shift,
     as diffusers 0.42.1's StableDiffusion3InpaintPipeline does (docs/conventions.md)."""
     sigmas, start = schedule(model, steps, convention), start_step(steps, strength, convention)

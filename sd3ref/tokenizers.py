@@ -419,7 +419,7 @@ class CLIPTokenizer:
         """``[BOS, content[:length-2], EOS, pad...]`` for each prompt -> int32 (B, length).
 
         With ``return_truncated=True`` also returns a bool (B,) array: which prompts lost
-        content tokens (the pipeline warns about them, as KerasHub does).
+        content tokens (``pipeline.tokenize`` warns about them; KerasHub truncates silently, diffusers warns).
         """
         if length < 2:
             raise ValueError(f"length must be >= 2 to hold BOS and EOS, got {length}")
@@ -432,8 +432,6 @@ class CLIPTokenizer:
             ids = [self.bos_id, *content[: length - 2], self.eos_id]
             out[row, : len(ids)] = ids
         return (out, truncated) if return_truncated else out
-
-    __call__ = encode
 
 
 # --------------------------------------------------------------------------------------
@@ -612,5 +610,3 @@ class T5Tokenizer:
             ids = [*content[: length - 1], self.eos_id]
             out[row, : len(ids)] = ids
         return (out, truncated) if return_truncated else out
-
-    __call__ = encode

@@ -50,7 +50,6 @@ RUNS = [
     ("sai", "diffusers_float64.npz", "float64", "diffusers"),
 ]
 SOURCE_PATH = {"keras": "keras", "diffusers": "diffusers", "sai": "sai.safetensors"}
-FIELDS = ("set", "component", "source", "dtype", "max_abs", "max_rel", "tolerance", "status")
 
 
 def compare(actual, expected, dtype, same_dtype=True) -> dict:

@@ -15,6 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from converters import canonical, cli, diffusers_layout, keras_layout
 from converters import diffusers_to_safetensors, inspect, keras_to_safetensors, sai_to_safetensors, safetensors_to_keras
@@ -655,14 +657,9 @@ def test_bfloat16_rounding_known_values():
     assert cast(np.array([np.nan], np.float32), BF16).view(np.uint16)[0] & 0x7FC0 == 0x7FC0
 
 
-try:
-    from hypothesis import given, strategies as st
-
-    @given(st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=64))
-    def test_bfloat16_decode_encode_is_identity_on_non_nan_bits(raw):
-        bits = np.array(raw, np.uint16)
-        value = to_float32(bits.view(BF16))
-        keep = ~np.isnan(value)
-        np.testing.assert_array_equal(cast(value, BF16).view(np.uint16)[keep], bits[keep])
-except ImportError:  # hypothesis is a test extra; the known-value tests above still run
-    pass
+@given(st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=64))
+def test_bfloat16_decode_encode_is_identity_on_non_nan_bits(raw):
+    bits = np.array(raw, np.uint16)
+    value = to_float32(bits.view(BF16))
+    keep = ~np.isnan(value)
+    np.testing.assert_array_equal(cast(value, BF16).view(np.uint16)[keep], bits[keep])

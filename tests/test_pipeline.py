@@ -198,7 +198,6 @@ def test_long_prompts_are_truncated_with_a_warning():
 
 
 def test_t5_length_follows_the_preset_the_convention_or_the_caller(tmp_path):
-    import shutil
 
     tok = pipeline.load_tokenizers(SET / "keras")
     assert tok.preset_t5_length == 77  # the golden preset's T5Preprocessor, as KerasHub wrote it
