@@ -16,7 +16,7 @@ from sd3ref.config import ConfigError
 
 from . import canonical
 from .sources import ConversionError, Plan
-from .tensors import CAST_TARGETS, FormatError, atomic_output, cast, dtype_name, write_safetensors
+from .tensors import CAST_TARGETS, FormatError, atomic_output, cast, dtype_name, nbytes, write_safetensors
 
 PROGRESS_MIN_BYTES = 64 << 20  # below this a bar is noise
 
@@ -102,10 +102,6 @@ class Progress:
             self.bar.close()
 
 
-def nbytes(shape, dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
 def summarise(title: str, tensors: list[tuple[str, tuple, np.dtype]], path) -> str:
     """tensors: (canonical name, shape, dtype) as written."""
     params, dtypes = Counter(), Counter()
@@ -138,10 +134,10 @@ def write_canonical(plan: Plan, output, dtype: str = "keep", force: bool = False
     }
     if plan.dropped:
         metadata["sd3ref.dropped"] = ", ".join(sorted(plan.dropped))
-    progress = Progress(sum(nbytes(s, d) for _, s, d, _ in entries), Path(output).name)
+    size = sum(nbytes(s, d) for _, s, d, _ in entries)
+    progress = Progress(size, Path(output).name)
     try:
-        with atomic_output(Path(output), force, inputs=plan.files(),
-                           size=sum(nbytes(s, d) for _, s, d, _ in entries)) as tmp:
+        with atomic_output(Path(output), force, inputs=plan.files(), size=size) as tmp:
             with open(tmp, "wb") as f:
                 write_safetensors(f, entries, metadata, progress)
     finally:

@@ -17,7 +17,7 @@ from sd3ref import config as cfgmod
 from sd3ref.config import ConfigError, SD3Config
 
 from . import canonical, diffusers_layout, keras_layout, sai_layout
-from .tensors import FLOAT_DTYPES, FormatError, H5Weights, SafetensorsFile, TensorInfo, dtype_name
+from .tensors import FLOAT_DTYPES, FormatError, H5Weights, SafetensorsFile, TensorInfo, dtype_name, nbytes
 
 
 class ConversionError(ValueError):
@@ -69,7 +69,7 @@ class Plan:
 
     def nbytes(self) -> int:
         """Bytes of the canonical tensors in their stored dtypes."""
-        return sum(int(np.prod(shape, dtype=np.int64)) * self.dtype(n).itemsize for n, shape in self.shapes.items())
+        return sum(nbytes(shape, self.dtype(n)) for n, shape in self.shapes.items())
 
 
 def _short(items: list, limit: int = 6) -> str:

@@ -110,6 +110,11 @@ class TensorInfo:
     file: str
 
 
+def nbytes(shape, dtype) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype`` (int64 product: a full-size layer overflows int32)."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 class SafetensorsFile:
     """A safetensors file parsed by hand: the header is validated against the file size, and tensors
     are memory-mapped on demand. (``safe_open(framework="np")`` cannot return bfloat16 or float8.)"""
@@ -147,7 +152,7 @@ class SafetensorsFile:
                     raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise FormatError(f"{self.path}: bad header entry for tensor {name!r}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            if end - begin != nbytes(shape, dtype):
                 raise FormatError(f"{self.path}: tensor {name!r} has inconsistent size in the header")
             self.tensors[name] = TensorInfo(shape, dtype, self.path)
             self._offsets[name] = begin
@@ -178,9 +183,9 @@ def write_safetensors(f, entries: Iterable[tuple[str, tuple, np.dtype, Callable[
     entries = list(entries)
     header, offset = {}, 0
     for name, shape, dtype, _ in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": st_tag(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        size = nbytes(shape, dtype)
+        header[name] = {"dtype": st_tag(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
     f.write(struct.pack("<Q", len(blob)) + blob)

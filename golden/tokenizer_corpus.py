@@ -31,6 +31,8 @@ import random
 import shutil
 import tempfile
 
+from golden import make_tokenizers
+
 SEED = 20240611
 CLIP_LENGTH = 77
 
@@ -249,14 +251,6 @@ def _keras_ids(clip_dir: str, spiece_path: str | None, texts: list[str]) -> dict
 # --------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode_symbols() -> list[str]:
-    """GPT-2's byte symbols in SimpleTokenizer's vocabulary order: the printable Latin-1
-    bytes first (as themselves), then the other 68 bytes shifted to U+0100 onwards."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in keep)]
-    return [chr(b) for b in keep] + shifted
-
-
 def write_real_clip_vocab(bpe_gz: str, out_dir: str) -> None:
     """vocab.json + merges.txt of the 49,408-token OpenAI CLIP BPE, built as CLIP's
     SimpleTokenizer builds it: byte symbols, the same with </w>, 48,894 merges, BOS, EOS.
@@ -264,7 +258,7 @@ def write_real_clip_vocab(bpe_gz: str, out_dir: str) -> None:
     with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is the "#version" header
-    base = _bytes_to_unicode_symbols()
+    base = list(make_tokenizers.bytes_to_unicode().values())  # OpenAI's order: printable bytes first
     tokens = base + [s + "</w>" for s in base] + ["".join(m.split(" ")) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(out_dir, exist_ok=True)

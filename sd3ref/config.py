@@ -206,6 +206,15 @@ def _keras_inner(obj: Any) -> dict:
     return obj
 
 
+# Activation names in KerasHub configs and transformers configs → sd3ref's; unknown names pass through
+# (and fail the config's own check, naming them).
+_ACTIVATION_NAMES = {"gelu_approximate": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _activation(name: str) -> str:
+    return _ACTIVATION_NAMES.get(name, name)
+
+
 def _keras_activation(value: Any) -> str:
     """KerasHub serializes activations as a name or as a registered-function object."""
     if isinstance(value, dict):
@@ -213,8 +222,7 @@ def _keras_activation(value: Any) -> str:
         if isinstance(value, dict):
             value = value.get("name", "")
     name = str(value).split(">")[-1]
-    return {"gelu_approximate": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
-            "quick_gelu": "quick_gelu", "relu": "relu"}.get(name, name)
+    return _activation(name)
 
 
 def clip_from_keras(obj: Any) -> CLIPConfig:
@@ -301,11 +309,6 @@ def _read_json(path) -> dict:
         raise ConfigError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
 
 
-def _hf_activation(name: str) -> str:
-    return {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-            "relu": "relu"}.get(name, name)
-
-
 def clip_from_hf(c: dict) -> CLIPConfig:
     """A transformers ``CLIPTextConfig`` (or a CLIPConfig holding one as ``text_config``)."""
     c = c.get("text_config", c)
@@ -313,7 +316,7 @@ def clip_from_hf(c: dict) -> CLIPConfig:
     return CLIPConfig(
         vocabulary_size=c["vocab_size"], hidden_dim=c["hidden_size"], num_layers=c["num_hidden_layers"],
         num_heads=c["num_attention_heads"], intermediate_dim=c["intermediate_size"],
-        intermediate_activation=_hf_activation(c.get("hidden_act", "quick_gelu")),
+        intermediate_activation=_activation(c.get("hidden_act", "quick_gelu")),
         intermediate_output_index=c["num_hidden_layers"] - 2,  # SD3 reads hidden_states[-2]
         max_sequence_length=c.get("max_position_embeddings", 77),
         layer_norm_epsilon=eps, final_layer_norm_epsilon=eps,
@@ -331,7 +334,7 @@ def t5_from_hf(c: dict) -> T5Config:
     return T5Config(
         vocabulary_size=c["vocab_size"], hidden_dim=c["d_model"], num_layers=c["num_layers"],
         num_heads=c["num_heads"], intermediate_dim=c["d_ff"], key_value_dim=c["d_kv"],
-        activation=_hf_activation(act), layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-6),
+        activation=_activation(act), layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-6),
         relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
     )
