@@ -1,8 +1,9 @@
 """MMDiT forward, full-size SD3-medium with random float32 weights, batch 2 (CFG), against the matmul
 roofline measured in the same run, plain NumPy and the numba fast paths, optionally diffusers/torch in a
-subprocess (``--torch-python``, e.g. /work/venvs/golden/bin/python; torch is never a runtime dependency).
+subprocess (``--torch-python``, e.g. golden/.venv/bin/python from golden/setup.sh; torch is never a runtime
+dependency).
 
-    python -m bench.mmdit --size 512 256 --torch-python /work/venvs/golden/bin/python
+    python -m bench.mmdit --size 512 256 --torch-python golden/.venv/bin/python
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Keras 3 saves the object tree, not layer names: a functional model's layers go u
 ``layers/<snake_case(ClassName)>[_N]``, attributes under their attribute name, each layer's variables
 as datasets ``<path>/vars/<i>`` in creation order (kernel 0, bias 1; gamma 0, beta 1), and the
 ``vars`` group carries the layer's ``name`` attribute (Keras >= 3.6). Paths here are dataset paths
-without the leading '/'. See docs/canonical_layout.md and the reference kerashub_sd3.md §10-11.
+without the leading '/'. See docs/canonical_layout.md; tests/data holds the real SD3-medium and SD3.5-medium files' paths and shapes.
 """
 
 from __future__ import annotations

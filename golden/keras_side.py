@@ -1,7 +1,7 @@
 """KerasHub side of the golden fixtures: a KerasHub SD3 of the same shape holding the diffusers
 pipeline's weights, saved as a preset, with every component's outputs (NHWC, KerasHub's layout).
 
-Runs on the Keras numpy backend without TensorFlow (golden_feasibility.md §3.2–3.3)."""
+Runs on the Keras numpy backend without TensorFlow, with keras-hub 0.32's workarounds (golden/README.md)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _orig_set_vocab = _KerasCLIPTokenizer._set_vocabulary_and_merges_tokenizers
 
 
 def _set_vocab(self, vocabulary, merges):
-    # keras-hub 0.32 without TensorFlow never sets these (golden_feasibility.md §3.3, workaround 1).
+    # keras-hub 0.32 without TensorFlow never sets these (golden/README.md).
     self.vocabulary, self.merges = vocabulary.copy(), merges
     return _orig_set_vocab(self, vocabulary, merges)
 

@@ -1,4 +1,4 @@
-"""The golden fixture sets: tiny SD3-shaped models, small in parameters (late_findings §4) but covering
+"""The golden fixture sets: tiny SD3-shaped models, small in parameters (fixtures stay a few MB) but covering
 every structural feature — T5 or not, qk RMSNorm, MMDiT-X dual attention (also in the last block),
 non-square images with non-zero position-crop offsets, batch > 1, a VAE whose channel count changes
 (nin_shortcut), CLIP encoders with a penultimate block distinct from the first."""

@@ -14,7 +14,7 @@ content length, and which framework pairs disagree. Ids come from:
 * KerasHub 0.32's ``StableDiffusion3TextToImagePreprocessor.generate_preprocess`` (the path
   ``generate()`` uses) with ``CLIPTokenizer(pad_with_end_token=True/False)`` and a 256-token
   ``T5Preprocessor``, plus a 77-token ``T5Preprocessor``. No TensorFlow: the two no-TF
-  workarounds of golden_feasibility.md §3.3 are applied.
+  workarounds of golden/README.md are applied.
 
 Optionally (``real_bpe_gz``, or the environment variable SD3REF_CLIP_BPE_GZ) the CLIP settings are
 also run on the real 49,408-token OpenAI vocabulary, rebuilt from open_clip's
@@ -179,23 +179,6 @@ def corpus_texts() -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------
 
 
-def _patch_keras_hub_without_tf() -> None:
-    """golden_feasibility.md §3.3 workaround 1: without TF, CLIPTokenizer never sets vocabulary."""
-    from keras_hub.src.models.clip.clip_tokenizer import CLIPTokenizer
-
-    original = CLIPTokenizer._set_vocabulary_and_merges_tokenizers
-    if getattr(original, "_sd3ref_patched", False):
-        return
-
-    def patched(self, vocabulary, merges):
-        self.vocabulary = vocabulary.copy()
-        self.merges = merges
-        return original(self, vocabulary, merges)
-
-    patched._sd3ref_patched = True
-    CLIPTokenizer._set_vocabulary_and_merges_tokenizers = patched
-
-
 def _hf_ids(clip_dir: str, spiece_path: str | None, texts: list[str]) -> dict:
     # from_pretrained on a folder: in transformers 5 the constructors take vocab=/merges= data,
     # and silently ignore vocab_file=/merges_file= (giving an empty vocabulary).
@@ -218,14 +201,13 @@ def _hf_ids(clip_dir: str, spiece_path: str | None, texts: list[str]) -> dict:
 
 
 def _keras_ids(clip_dir: str, spiece_path: str | None, texts: list[str]) -> dict:
-    os.environ.setdefault("KERAS_BACKEND", "numpy")
     import numpy as np
+
+    from golden import keras_side  # noqa: F401  first: the numpy backend, keras-hub 0.32's no-TF tokenizer fix
     from keras_hub.models import CLIPPreprocessor, CLIPTokenizer, T5Preprocessor, T5Tokenizer
     from keras_hub.src.models.stable_diffusion_3.stable_diffusion_3_text_to_image_preprocessor import (
         StableDiffusion3TextToImagePreprocessor,
     )
-
-    _patch_keras_hub_without_tf()
     vocab, merges = os.path.join(clip_dir, "vocab.json"), os.path.join(clip_dir, "merges.txt")
 
     def clip(pad_with_end_token):

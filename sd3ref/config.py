@@ -478,20 +478,22 @@ def infer_from_shapes(shapes: dict) -> SD3Config:
     defaults: CLIP-L quick_gelu, CLIP-G exact gelu, T5 gated gelu-tanh."""
     import re
 
-    p = "model.diffusion_model."
+    from converters.canonical import PREFIX  # here: converters.canonical imports this module
+
+    p = PREFIX["mmdit"]
     if p + "x_embedder.proj.weight" not in shapes:
-        raise ConfigError("no MMDiT tensors (model.diffusion_model.x_embedder.proj.weight)")
+        raise ConfigError(f"no MMDiT tensors ({p}x_embedder.proj.weight)")
     hidden, latent, patch, _ = shapes[p + "x_embedder.proj.weight"]
     positions = shapes[p + "pos_embed"][1]
     side = int(round(positions**0.5))
     if side * side != positions:
         raise ConfigError(f"pos_embed holds {positions} positions, not a square grid")
     layers = _count(shapes, re.escape(p) + r"joint_blocks\.(\d+)\.")
-    vae = _infer_vae(shapes, "first_stage_model.")
+    vae = _infer_vae(shapes, PREFIX["vae"])
     ln_k = shapes.get(p + "joint_blocks.0.x_block.attn.ln_k.weight")
     head_dim = ln_k[0] if ln_k else 64  # qk-norm weights reveal the head width; otherwise Stability's 64
-    clip_l = _infer_clip(shapes, "text_encoders.clip_l.transformer.", "quick_gelu")
-    clip_g = _infer_clip(shapes, "text_encoders.clip_g.transformer.", "gelu")
+    clip_l = _infer_clip(shapes, PREFIX["clip_l"], "quick_gelu")
+    clip_g = _infer_clip(shapes, PREFIX["clip_g"], "gelu")
     guessed = [(name, width) for name, width, guess in (("MMDiT", hidden, not ln_k),
                                                         ("CLIP-L", clip_l and clip_l.hidden_dim, True),
                                                         ("CLIP-G", clip_g and clip_g.hidden_dim, True))
@@ -510,7 +512,7 @@ def infer_from_shapes(shapes: dict) -> SD3Config:
         mmdit_context_dim=shapes[p + "context_embedder.weight"][1], mmdit_pooled_dim=shapes[p + "y_embedder.mlp.0.weight"][1],
         mmdit_mlp_ratio=shapes[p + "joint_blocks.0.x_block.mlp.fc1.weight"][0] / hidden,
         vae=vae,
-        clip_l=clip_l, clip_g=clip_g, t5=_infer_t5(shapes, "text_encoders.t5xxl.transformer."),
+        clip_l=clip_l, clip_g=clip_g, t5=_infer_t5(shapes, PREFIX["t5"]),
     )
 
 

@@ -19,11 +19,13 @@ from typing import Callable
 
 import numpy as np
 
+from converters import canonical
+
 from . import conditioning, mmdit, nn, trace, vae, verify
 from .model import Model
 
 SETS = ("sd3", "sd35", "sd3_no_t5")
-FINAL_ADALN = "model.diffusion_model.final_layer.adaLN_modulation.1."
+FINAL_ADALN = canonical.PREFIX["mmdit"] + "final_layer.adaLN_modulation.1."
 LONG_T5 = 256  # diffusers' max_sequence_length
 
 
@@ -34,7 +36,7 @@ class SwappedHalves(Mapping):
 
     def __init__(self, weights: Mapping, config):
         self._weights = weights
-        last = f"model.diffusion_model.joint_blocks.{config.mmdit_num_layers - 1}.context_block.adaLN_modulation.1."
+        last = f"{canonical.PREFIX['mmdit']}joint_blocks.{config.mmdit_num_layers - 1}.context_block.adaLN_modulation.1."
         self._swapped = {p + s for p in (FINAL_ADALN, last) for s in ("weight", "bias")}
 
     def __getitem__(self, key):

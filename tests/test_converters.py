@@ -2,7 +2,7 @@
 
 The expected values come from outside sd3ref: the golden files written by KerasHub / diffusers (whose
 three forms hold identical weights), the real KerasHub h5 manifests, and the tensor counts and
-parameter totals of the reference notes (sd3_ports_and_layouts.md §2, §6)."""
+parameter totals of the published checkpoints."""
 
 from __future__ import annotations
 

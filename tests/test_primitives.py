@@ -14,8 +14,9 @@ DTYPES = [np.float32, np.float64]
 # Agreement between two float computations of the same formula (summation order differs).
 RTOL = {np.float32: 2e-5, np.float64: 1e-12}
 
-settings.register_profile("sd3ref", max_examples=40, deadline=None)
-settings.load_profile("sd3ref")
+# Fewer examples than hypothesis' default, for this module only (a profile loaded here would also apply
+# to every module collected after it)
+few = settings(max_examples=40, deadline=None)
 
 
 def finite(dtype, shape, lo=-8.0, hi=8.0):
@@ -40,6 +41,7 @@ def norm_cond(x, axis, eps):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(data=st.data())
 def test_softmax(dtype, data):
     x = data.draw(finite(dtype, data.draw(shapes()), -50, 50))
@@ -52,6 +54,7 @@ def test_softmax(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(data=st.data())
 def test_layer_norm(dtype, data):
     shape = data.draw(shapes())
@@ -68,6 +71,7 @@ def test_layer_norm(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(data=st.data())
 def test_rms_norm(dtype, data):
     shape = data.draw(shapes())
@@ -79,6 +83,7 @@ def test_rms_norm(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(data=st.data())
 def test_group_norm(dtype, data):
     groups = data.draw(st.integers(1, 4))
@@ -97,6 +102,7 @@ def test_group_norm(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(data=st.data())
 def test_activations(dtype, data):
     x = data.draw(finite(dtype, data.draw(shapes(1, 2, 8)), -10, 10))
@@ -117,6 +123,7 @@ def test_gelu_variants_differ(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(data=st.data())
 def test_conv2d_against_direct_sum(dtype, data):
     B, H, W, I, O = data.draw(st.tuples(st.integers(1, 2), st.integers(3, 6), st.integers(3, 6),
@@ -154,6 +161,7 @@ def test_attention_mask_and_upsample(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(h=st.integers(1, 5), w=st.integers(1, 5), p=st.sampled_from([1, 2]), c=st.integers(1, 4))
 def test_patchify_unpatchify_identity(dtype, h, w, p, c):
     # The patch-embedding conv flattens a patch as (c, pi, pj) (OIHW); the final linear emits (pi, pj, c).
@@ -167,6 +175,7 @@ def test_patchify_unpatchify_identity(dtype, h, w, p, c):
     assert (conv == patches).all()
 
 
+@few
 @given(P=st.integers(1, 12), data=st.data())
 def test_position_crop_offsets(P, data):
     h, w = data.draw(st.integers(1, P)), data.draw(st.integers(1, P))
@@ -186,6 +195,7 @@ def test_position_crop_too_large():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@few
 @given(t=st.lists(st.floats(0, 1000, width=32), min_size=1, max_size=4))
 def test_timestep_embedding_closed_form(dtype, t):
     tt = np.array(t, dtype)
@@ -199,6 +209,7 @@ def test_timestep_embedding_closed_form(dtype, t):
     np.testing.assert_allclose(emb, ref, atol=atol, rtol=0)
 
 
+@few
 @given(n=st.integers(1, 60), shift=st.sampled_from([1.0, 2.5, 3.0, 6.0]))
 def test_sigmas_decrease_from_one_to_zero(n, shift):
     s = scheduler.sigmas(n, shift)
