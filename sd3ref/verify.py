@@ -255,6 +255,11 @@ def main(args) -> int:
         print(f"error: no golden sets (*/manifest.json) under {args.golden}: the fixtures come with a source "
               "checkout of sd3ref; point --golden at its golden/ folder", file=sys.stderr)
         return 1
+    unknown = [s for s in sets if not (Path(args.golden) / s / "manifest.json").is_file()]
+    if unknown:
+        print(f"error: {args.golden}: no golden set {', '.join(unknown)} (there: "
+              f"{', '.join(golden_sets(args.golden)) or 'none'})", file=sys.stderr)
+        return 1
     rows = run(args.golden, sets)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0 if rows and all(r["status"] == "PASS" for r in rows) else 1
