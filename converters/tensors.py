@@ -26,7 +26,8 @@ F8_E4M3 = np.dtype([("float8_e4m3fn", "u1")])
 # safetensors dtype tag <-> storage dtype. Integer tags exist only so we can name them in errors.
 ST_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "BF16": BF16,
              "F8_E4M3": F8_E4M3, "I8": np.dtype("i1"), "U8": np.dtype("u1"), "I16": np.dtype("<i2"),
-             "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "BOOL": np.dtype("?")}
+             "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"), "I64": np.dtype("<i8"),
+             "U64": np.dtype("<u8"), "BOOL": np.dtype("?")}
 FLOAT_DTYPES = (np.dtype("<f2"), np.dtype("<f4"), np.dtype("<f8"), BF16, F8_E4M3)
 DTYPE_NAMES = {np.dtype("<f2"): "float16", np.dtype("<f4"): "float32", np.dtype("<f8"): "float64",
                BF16: "bfloat16", F8_E4M3: "float8_e4m3fn"}
@@ -278,10 +279,10 @@ def atomic_output(target: Path, force: bool, is_dir: bool = False, inputs=(), wr
     target = Path(target)
     refuse_inputs(target, inputs, is_dir)
     if target.exists():
+        if target.is_dir() != is_dir:  # before --force: forcing would not help
+            raise FileExistsError(f"{target}: exists and is {'not ' if is_dir else ''}a folder")
         if not force:
             raise FileExistsError(f"{target}: already exists (use --force to overwrite)")
-        if target.is_dir() != is_dir:
-            raise FileExistsError(f"{target}: exists and is {'not ' if is_dir else ''}a folder")
         others = sorted(p.name for p in target.iterdir() if p.name not in writes) if is_dir else []
         if others:
             more = f" (+{len(others) - 4} more)" if len(others) > 4 else ""

@@ -28,10 +28,15 @@ def _guarded(command, args) -> int:
 
 def _at_least(low, kind=int):
     """An argparse type: a ``kind`` number ≥ ``low`` (finite)."""
+    what = "an integer" if kind is int else "a finite number"
+
     def parse(text):
-        n = kind(text)
+        try:
+            n = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} ≥ {low}, got {text!r}") from None
         if not n >= low or n == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number ≥ {low}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what} ≥ {low}, got {text}")
         return n
     return parse
 
@@ -66,14 +71,19 @@ def _naming(path, check, *args):
 
 
 def _image_format(path: Path) -> str:
-    """Pillow's format for the output's extension (.png, .jpg, .webp, ...)."""
+    """Pillow's format for the output's extension (.png, .jpg, .webp, ...; PNG without one), checked by
+    writing a 1×1 RGB image in memory before any work."""
+    import io
+
     from PIL import Image
 
     from .pipeline import PipelineError
 
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise PipelineError(f"{path}: no image format to write for the extension {path.suffix!r} (use .png)")
+    fmt = Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG"
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (KeyError, OSError, ValueError):  # no such format, or one that cannot hold an RGB image
+        raise PipelineError(f"{path}: cannot write an RGB image as {path.suffix!r} (use .png)") from None
     return fmt
 
 

@@ -326,12 +326,20 @@ def _prefetch(typingctx, a, i):
     return types.none(a, types.intp), codegen
 
 
+def _compiled_width(d: int) -> int:
+    """The row width ``_rms_heads`` is compiled for: attention-head widths (a multiple of 16 up to 256) gain
+    from a compile-time width, long rows (T5's 4096: same speed, by hand) do not, and each width is a
+    separate compile of ~1.2 s; 0 is the kernel that reads the width at run time."""
+    return d if d % 16 == 0 and d <= 256 else 0
+
+
 @functools.lru_cache(maxsize=None)
 def _rms_heads(d):
-    """The RMSNorm kernel for rows of ``d`` values (numba caches each width on disk): a row length known at
-    compile time lets LLVM turn a 64-wide head row into whole vectors, with no remainder loop and no run-time
-    trip-count or overlap checks per row (into the joint array, cold: 2.17-2.25 → 2.09-2.13 ms in one
-    session-6 comparison and 1.3× in another; one thread on data in L2 0.26 → 0.14 ns per value, by hand).
+    """The RMSNorm kernel for rows of ``d`` values, or of any width for ``d`` = 0 (numba caches each on disk):
+    a row length known at compile time lets LLVM turn a 64-wide head row into whole vectors, with no remainder
+    loop and no run-time trip-count or overlap checks per row (into the joint array, cold: 0.79-0.97× the
+    time of the run-time-width kernel, the median of 25 pairs in each of five processes; one thread on data
+    in L2 0.26 → 0.14 ns per value, by hand).
 
     The kernel: out[b, i, h] = x[b, i, h]·rsqrt(mean(x[b, i, h]²) + eps)·w[h] for the rows of d values that
     start at b·xs[0] + i·xs[1] + h·xs[2] in the flat span x (likewise ``os`` in ``out``): the MMDiT's q/k heads
@@ -348,7 +356,7 @@ def _rms_heads(d):
     alias fails, so in place ran scalar code (5.1 against 2.7-2.9 ms, by hand)."""
     @njit(**_JIT)
     def rms_heads(x, xs, out, os, rows, w, eps, in_place):
-        m = w.shape[0]
+        m, width = w.shape[0], d if d else w.shape[1]
         n = rows[0] * rows[1]
         line = max(1, 64 // x.itemsize)  # elements per 64-byte cache line
         for t in prange(n):  # per token, its heads inside: per head was 1.7× slower
@@ -356,20 +364,20 @@ def _rms_heads(d):
             following = min(t + 1, n - 1)
             ahead = following // rows[1] * xs[0] + following % rows[1] * xs[1]
             for h in range(m):
-                for u in range(0, d, line):
+                for u in range(0, width, line):
                     _prefetch(x, ahead + h * xs[2] + u)
                 xo, oo = b * xs[0] + i * xs[1] + h * xs[2], b * os[0] + i * os[1] + h * os[2]
-                row = x[xo:xo + d]  # slices: unit-stride, no wraparound checks
+                row = x[xo:xo + width]  # slices: unit-stride, no wraparound checks
                 v = 0.0
-                for j in range(d):
+                for j in range(width):
                     v += row[j] * row[j]
-                inv = 1.0 / math.sqrt(v / d + eps)
-                orow = out[oo:oo + d]
+                inv = 1.0 / math.sqrt(v / width + eps)
+                orow = out[oo:oo + width]
                 if in_place:  # the same row, read through out
-                    for j in range(d):
+                    for j in range(width):
                         orow[j] = orow[j] * inv * w[h, j]
                 else:
-                    for j in range(d):
+                    for j in range(width):
                         orow[j] = row[j] * inv * w[h, j]
     return rms_heads
 
@@ -427,7 +435,7 @@ def rms_norm(x, weight=None, eps=1e-6, out=None):
         result[...] = rms_norm(x, weight, eps)  # an out the kernel cannot address, or a partial overlap
         return result
     (xf, xs), (of, os) = _span(x4, False), _span(o4, True)
-    _rms_heads(table.shape[1])(xf, xs, of, os, x4.shape[:2], table, eps, in_place)
+    _rms_heads(_compiled_width(table.shape[1]))(xf, xs, of, os, x4.shape[:2], table, eps, in_place)
     return result
 
 

@@ -92,7 +92,7 @@ def save(tensors: dict, path, metadata: dict | None = None) -> None:
 def load(path) -> tuple[dict, dict]:
     """(tensors in execution order, metadata) of a trace file. A file written by other tools (no order
     metadata) comes back in the file's own order."""
-    from converters.tensors import FormatError, SafetensorsFile
+    from converters.tensors import BF16, F8_E4M3, FormatError, SafetensorsFile, to_float32
 
     f = SafetensorsFile(path)  # a bad file is one FormatError naming it
     metadata = dict(f.metadata)
@@ -103,7 +103,9 @@ def load(path) -> tuple[dict, dict]:
     names = list(f.tensors)
     order = metadata.pop("order", [])
     names = [n for n in order if n in names] + [n for n in names if n not in order]
-    return {n: np.array(f.read(n)) for n in names}, metadata
+    # bfloat16 / float8 are stored as their bits (numpy has no such float): decoded to float32 here
+    return {n: to_float32(f.read(n)) if f.tensors[n].dtype in (BF16, F8_E4M3) else np.array(f.read(n))
+            for n in names}, metadata
 
 
 def run(model, inputs: dict, convention="diffusers") -> None:
@@ -136,7 +138,8 @@ def main(args) -> int:
     from converters.tensors import FormatError, atomic_output
 
     # refused before any work: an existing output without --force, an output that would replace an input
-    with atomic_output(Path(args.output), args.force, inputs=[args.source, *args.inputs]) as tmp:
+    read = [args.source, *args.inputs, *([args.config] if args.config else [])]
+    with atomic_output(Path(args.output), args.force, inputs=read) as tmp:
         inputs = {}
         for path in args.inputs:
             inputs.update(load_npz(path))

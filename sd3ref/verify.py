@@ -93,10 +93,14 @@ def load_npz(path) -> dict:
     from converters.tensors import FormatError
 
     try:
-        with np.load(path) as f:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy: one array, no names
+            raise ValueError("a single array, not an archive of named arrays")
+        with data as f:
             return {k: f[k] for k in f.files}
-    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # not an archive, truncated, pickled objects
-        raise FormatError(f"{path}: not a NumPy .npz archive ({str(e).splitlines()[0]})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # not an archive, truncated, object arrays
+        why = "it holds object arrays" if "pickle" in str(e) else str(e).splitlines()[0]
+        raise FormatError(f"{path}: not a NumPy .npz archive of numbers ({why})") from None
 
 
 def _nhwc(x, reference_file):

@@ -120,7 +120,8 @@ BAD = {
     "guidance": (lambda d, t: ["--guidance", "-1"], "guidance must be a finite number ≥ 0"),
     "guidance nan": (lambda d, t: ["--guidance", "nan"], "guidance must be a finite number ≥ 0, got nan"),
     "width 0": (lambda d, t: ["--width", "0"], "got 0x48"),
-    "output extension": (lambda d, t: ["-o", str(t / "o.xyz")], "o.xyz: no image format"),
+    "output extension": (lambda d, t: ["-o", str(t / "o.xyz")], "o.xyz: cannot write an RGB image"),
+    "output format without RGB": (lambda d, t: ["-o", str(t / "o.h5")], "o.h5: cannot write an RGB image"),
     "mask size": (lambda d, t: ["--init-image", str(d / "init.png"), "--mask", str(d / "small_mask.png")],
                   "the mask is 32x32, the image 48x48"),
     "init image": (lambda d, t: ["--init-image", str(d / "broken.png")], "broken.png"),
@@ -151,6 +152,8 @@ def _tools_bad_input(t):
     (t / "bad.json").write_text("{bad")
     (t / "short.safetensors").write_bytes(b"short")
     np.savez(t / "other.npz", other=np.zeros(2))
+    np.save(t / "one.npy", np.zeros(2))
+    shutil.copyfile(SET / "keras" / "config.json", t / "config.json")
     shutil.copyfile(SET / "sai.safetensors", t / "sai.safetensors")
     with trace.tracing(str(t / "trace.safetensors"), {}):
         trace.record("x", np.zeros(2))
@@ -162,6 +165,11 @@ def _tools_bad_input(t):
         "trace: missing inputs": (["trace", str(SET / "keras"), "--inputs", str(t / "none.npz"), *out], "none.npz"),
         "trace: not an npz": (["trace", str(SET / "keras"), "--inputs", str(t / "bad.npz"), *out],
                               "bad.npz: not a NumPy .npz archive"),
+        "trace: a .npy": (["trace", str(SET / "keras"), "--inputs", str(t / "one.npy"), *out],
+                          "one.npy: not a NumPy .npz archive of numbers"),
+        "trace: output is the config": (["trace", str(t / "sai.safetensors"), "--config", str(t / "config.json"),
+                                         "--inputs", str(SET / "inputs.npz"), "-o", str(t / "config.json"), "--force"],
+                                        "would replace the input"),
         "trace: no known inputs": (["trace", str(SET / "keras"), "--inputs", str(t / "other.npz"), *out],
                                    "other.npz: none of the inputs"),
         "trace: output is the source": (["trace", str(t / "sai.safetensors"), "--config", str(SET / "keras"),
@@ -177,7 +185,8 @@ def _tools_bad_input(t):
 
 
 @pytest.mark.parametrize("case", ["verify: unknown set", "trace: missing source", "trace: missing inputs",
-                                  "trace: not an npz", "trace: no known inputs", "trace: output is the source",
+                                  "trace: not an npz", "trace: a .npy", "trace: output is the config",
+                                  "trace: no known inputs", "trace: output is the source",
                                   "trace: output exists", "compare: missing trace", "compare: not a trace",
                                   "compare: map not JSON"])
 def test_tools_bad_input_is_one_line(capsys, tmp_path, case):

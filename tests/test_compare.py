@@ -78,7 +78,8 @@ def _velocity_from(tokens, h, w, p, c, major, order):
     return patches.transpose(0, 1, 3, 2, 4, 5).reshape(B, h * p, w * p, c)
 
 
-@pytest.mark.parametrize("major,order", [("rows", "qpc"), ("rows", "cpq"), ("columns", "pqc"), ("columns", "cqp")])
+@pytest.mark.parametrize("major,order", [("rows", "qpc"), ("rows", "cpq"), ("columns", "pqc"), ("columns", "qpc"),
+                                         ("columns", "cpq"), ("columns", "cqp")])
 def test_every_unpatchify_slip_is_named(major, order):
     run, ours = reference("sd3")
     v, tokens = ours["mmdit.velocity"], ours["mmdit.final.linear"]
@@ -191,3 +192,16 @@ def test_unknown_layout_hints_and_mostly_unmatched_traces_are_reported(tmp_path,
     trace.save(few, tmp_path / "few.safetensors")
     main(["compare", str(tmp_path / "ours.safetensors"), str(tmp_path / "few.safetensors")])
     assert "warning: most of theirs" in capsys.readouterr().out
+
+
+def test_a_small_qk_norm_change_is_eps_not_a_missing_norm():
+    # q already RMS-normalised with unit weights (a fresh RMSNorm): re-normalising theirs would hide an eps
+    # slip, so below the small-change bound the eps rule speaks
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 5, 8))
+    ours = {"mmdit.blocks.0.x.q": q / np.sqrt(np.mean(q * q, axis=-1, keepdims=True) + 1e-6)}
+    theirs = {"mmdit.blocks.0.x.q": ours["mmdit.blocks.0.x.q"] * (1 + 1e-3 * rng.random((1, 2, 5, 1)))}
+    row = {"max_rel": 1e-3}
+    assert compare.diagnose("mmdit.blocks.0.x.q", theirs, ours, row, 1e-10) == "eps"
+    theirs = {"mmdit.blocks.0.x.q": q * 3.0}  # the raw projection: no qk-norm
+    assert compare.diagnose("mmdit.blocks.0.x.q", theirs, ours, {"max_rel": 2.0}, 1e-10) == "qk_norm"

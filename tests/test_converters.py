@@ -232,8 +232,8 @@ def test_separate_encoder_files_only_go_with_a_single_file(form):
         open_source(GOLDEN / SETS[0] / form, encoders={"t5": GOLDEN / SETS[0] / "sai.safetensors"})
 
 
-@pytest.mark.parametrize("given,shape", [("clip_l", (1280, 32)), ("clip_g", (768, 12))])
-def test_swapped_clip_files_are_refused(tmp_path, given, shape):
+@pytest.mark.parametrize("role,shape", [("clip_l", (1280, 32)), ("clip_g", (768, 12))])
+def test_swapped_clip_files_are_refused(tmp_path, role, shape):
     # Only the shapes matter: an embedding as wide as the other SD3 encoder's, and as many layers
     from safetensors.numpy import load_file, save_file
 
@@ -244,10 +244,10 @@ def test_swapped_clip_files_are_refused(tmp_path, given, shape):
     width, depth = shape
     tensors = {"text_model.embeddings.token_embedding.weight": np.zeros((2, width), np.float16),
                **{f"text_model.encoder.layers.{i}.layer_norm1.weight": np.zeros(1, np.float16) for i in range(depth)}}
-    path = tmp_path / f"{given}.safetensors"
+    path = tmp_path / f"{role}.safetensors"
     save_file(tensors, str(path))
     with pytest.raises(ConversionError, match="swapped CLIP-L and CLIP-G") as e:
-        open_source(main, encoders={given: path})
+        open_source(main, encoders={role: path})
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
