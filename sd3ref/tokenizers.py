@@ -474,6 +474,10 @@ def _components(entry, kind: str, path: str) -> list:
 
 
 _PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_CONTROL, _PIECE_USER, _PIECE_BYTE = 1, 2, 3, 4, 6
+# Normaliser Replace steps (pattern, content) by which transformers' converters spell SentencePiece's
+# remove_extra_whitespaces: runs of spaces to one (4.2x: " ", 4.3x-4.5x: "▁"), strip both ends (5.x)
+_REMOVE_EXTRA_WHITESPACE = {(json.dumps({"Regex": " {2,}"}), " "), (json.dumps({"Regex": " {2,}"}), "\u2581"),
+                            (json.dumps({"Regex": "\\A +| +\\z"}), "")}
 
 
 def sentencepiece_model_from_tokenizer_json(data, path: str = "tokenizer.json") -> bytes:
@@ -499,25 +503,33 @@ def sentencepiece_model_from_tokenizer_json(data, path: str = "tokenizer.json") 
         raise TokenizerFileError(f"{path}: model.unk_id {unk_id!r} is not an id of model.vocab "
                                  "(SentencePiece needs an unknown piece)")
     byte_fallback = model.get("byte_fallback") is True
-    added = {}
-    for entry in data.get("added_tokens") or []:
-        if not (isinstance(entry, dict) and isinstance(entry.get("id"), int) and isinstance(entry.get("content"), str)):
-            raise TokenizerFileError(f"{path}: an added_tokens entry without an integer id and a content string")
+    added, vocab = {}, list(vocab)
+    entries = data.get("added_tokens") or []
+    if not all(isinstance(e, dict) and isinstance(e.get("id"), int) and isinstance(e.get("content"), str)
+               for e in entries):
+        raise TokenizerFileError(f"{path}: an added_tokens entry without an integer id and a content string")
+    for entry in sorted(entries, key=lambda e: e["id"]):
+        if entry["id"] == len(vocab):  # added after the model's pieces: a piece of its own, at that id
+            vocab.append([entry["content"], 0.0])
         if not (0 <= entry["id"] < len(vocab) and vocab[entry["id"]][0] == entry["content"]):
-            raise TokenizerFileError(f"{path}: added token {entry['content']!r} (id {entry['id']}) is not that "
-                                     "piece of model.vocab")
+            raise TokenizerFileError(f"{path}: added token {entry['content']!r} (id {entry['id']}) is neither that "
+                                     "piece of model.vocab nor the next id after it")
         added[entry["id"]] = entry
 
     charsmap, remove_extra, dummy_prefix, escape = b"", False, False, False
     for step in _components(data.get("normalizer"), "normalizer", path):
-        kind = step.get("type")
+        kind, replace = step.get("type"), (json.dumps(step.get("pattern")), step.get("content"))
         if kind == "Precompiled":
             try:
                 charsmap = base64.b64decode(step.get("precompiled_charsmap") or "", validate=True)
             except (ValueError, TypeError) as e:
                 raise TokenizerFileError(f"{path}: precompiled_charsmap is not base64 ({e})") from None
-        elif kind == "Replace" and step.get("pattern") == {"Regex": " {2,}"} and step.get("content") == " ":
-            remove_extra = True  # older transformers' spelling of SentencePiece's whitespace collapsing
+        elif kind == "Strip" or (kind == "Replace" and replace in _REMOVE_EXTRA_WHITESPACE):
+            remove_extra = True  # transformers' spellings of SentencePiece's whitespace removal
+        elif kind == "Replace" and replace == (json.dumps({"String": " "}), "\u2581"):
+            escape = True  # spaces escaped in the normaliser rather than by Metaspace
+        elif kind == "Replace" and replace == (json.dumps({"Regex": "\\A\u2581"}), "\u2581\u2581"):
+            pass  # keeps Metaspace from eating a leading "▁" as the dummy prefix: SentencePiece never does
         else:
             raise TokenizerFileError(f"{path}: normalizer step {kind!r} has no SentencePiece equivalent")
     for step in _components(data.get("pre_tokenizer"), "pre_tokenizer", path):
@@ -531,7 +543,8 @@ def sentencepiece_model_from_tokenizer_json(data, path: str = "tokenizer.json") 
         else:
             raise TokenizerFileError(f"{path}: pre_tokenizer step {kind!r} has no SentencePiece equivalent")
     if not escape:
-        raise TokenizerFileError(f"{path}: no Metaspace pre-tokenizer (SentencePiece marks spaces with '\u2581')")
+        raise TokenizerFileError(f"{path}: spaces are not replaced by '\u2581' (no Metaspace): not a SentencePiece "
+                                 "tokenizer")
 
     def piece_type(i, piece):
         if i == unk_id:

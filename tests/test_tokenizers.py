@@ -391,19 +391,34 @@ def test_t5_tokenizer_json_is_the_sentencepiece_model(t5_pair, text):
     assert rebuilt.tokenize(text) == spiece.tokenize(text)
 
 
-def test_t5_tokenizer_json_of_older_transformers(tmp_path, t5_pair):
-    # transformers 4's T5Converter wrote the whitespace rules as a normalizer Replace of runs of spaces
-    # and a Metaspace with add_prefix_space (tokenizers < 0.14)
+# The whitespace steps transformers' converters wrote around the same Precompiled map: 4.2x's T5Converter,
+# 4.3x-4.5x's SpmConverter (which T5Converter inherited), and 5.x's generic SpmConverter
+_STRIP_RIGHT = {"type": "Strip", "strip_left": False, "strip_right": True}
+_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+OLDER_FORMS = {
+    "4.2x": ([{"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}],
+             {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}),
+    "4.3x": ([_STRIP_RIGHT, {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}], _METASPACE),
+    "5.x spm": ([{"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
+                 {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+                 {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+                 {"type": "Replace", "pattern": {"Regex": "\\A\u2581"}, "content": "\u2581\u2581"}],
+                {"type": "Sequence", "pretokenizers": [dict(_METASPACE, split=False)]}),
+}
+
+
+@pytest.mark.parametrize("form", OLDER_FORMS)
+def test_t5_tokenizer_json_of_other_transformers_versions(tmp_path, t5_pair, form):
     data = json.loads(T5_TOKENIZER_JSON.read_text(encoding="utf-8"))
-    data["normalizer"] = {"type": "Sequence", "normalizers": [
-        data["normalizer"], {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
-    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": True}
+    steps, pre_tokenizer = OLDER_FORMS[form]
+    data["normalizer"] = {"type": "Sequence", "normalizers": [data["normalizer"], *steps]}
+    data["pre_tokenizer"] = pre_tokenizer
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(data), encoding="utf-8")
-    older = T5Tokenizer.from_file(str(path))
+    other = T5Tokenizer.from_file(str(path))
     spiece = t5_pair[0]
     for entry in _load_corpus()["entries"]:
-        assert older.tokenize(entry["text"]) == spiece.tokenize(entry["text"]), repr(entry["text"])
+        assert other.tokenize(entry["text"]) == spiece.tokenize(entry["text"]), repr(entry["text"])
 
 
 def test_t5_tokenizer_json_ids_and_special_pieces(tmp_path, t5_pair):
@@ -423,6 +438,10 @@ def test_t5_tokenizer_json_ids_and_special_pieces(tmp_path, t5_pair):
     extra = T5Tokenizer.from_file(str(path))
     assert extra.sp.piece_to_id("<extra_id_0>") == n + 2 and extra.sp.get_piece_size() == n + 3
     assert extra.tokenize("a <extra_id_0> cat") == spiece.tokenize("a <extra_id_0> cat")
+    # an added token after the model's pieces (not in model.vocab) gets its own piece at its id
+    data["added_tokens"].append({"id": n + 3, "content": "<new>", "special": True})
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert T5Tokenizer.from_file(str(path)).sp.piece_to_id("<new>") == n + 3
 
 
 @pytest.mark.parametrize("change,message", [
@@ -435,6 +454,7 @@ def test_t5_tokenizer_json_ids_and_special_pieces(tmp_path, t5_pair):
     (lambda d: d.update(pre_tokenizer=None), "no Metaspace"),
     (lambda d: d["normalizer"].update(precompiled_charsmap="%%"), "base64"),
     (lambda d: d["added_tokens"].append({"id": 5, "content": "<nope>", "special": True}), "<nope>"),
+    (lambda d: d["added_tokens"].append({"id": 999, "content": "<far>", "special": True}), "nor the next id"),
 ])
 def test_t5_bad_tokenizer_json(tmp_path, change, message):
     data = json.loads(T5_TOKENIZER_JSON.read_text(encoding="utf-8"))
