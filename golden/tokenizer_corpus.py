@@ -16,9 +16,9 @@ content length, and which framework pairs disagree. Ids come from:
   ``T5Preprocessor``, plus a 77-token ``T5Preprocessor``. No TensorFlow: the two no-TF
   workarounds of golden/README.md are applied.
 
-Optionally (``real_bpe_gz``, or the environment variable SD3REF_CLIP_BPE_GZ) the CLIP settings are
-also run on the real 49,408-token OpenAI vocabulary, rebuilt from open_clip's
-``bpe_simple_vocab_16e6.txt.gz``, and stored under ``"real_clip"``.
+The CLIP settings are also run on the real 49,408-token OpenAI vocabulary, rebuilt from
+``bpe_simple_vocab_16e6.txt.gz`` (golden/tokenizers/clip_real, or ``real_bpe_gz`` / SD3REF_CLIP_BPE_GZ),
+and stored under ``"real_clip"``.
 """
 
 from __future__ import annotations
@@ -301,12 +301,17 @@ def _versions() -> dict:
     return {name: md.version(name) for name in ("transformers", "tokenizers", "keras-hub", "keras", "sentencepiece")}
 
 
+REAL_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizers", "clip_real",
+                        "bpe_simple_vocab_16e6.txt.gz")
+
+
 def build_corpus(clip_dir: str, spiece_path: str, out_path: str, real_bpe_gz: str | None = None) -> dict:
     """Tokenizes the corpus with every framework setting and writes it as JSON to out_path.
 
-    clip_dir holds vocab.json + merges.txt, spiece_path a SentencePiece model. real_bpe_gz
-    (default: $SD3REF_CLIP_BPE_GZ) is open_clip's bpe_simple_vocab_16e6.txt.gz; when given, the
-    CLIP settings are also run on the real OpenAI vocabulary. Returns the written dict.
+    clip_dir holds vocab.json + merges.txt, spiece_path a SentencePiece model. real_bpe_gz (default:
+    $SD3REF_CLIP_BPE_GZ, else the copy in golden/tokenizers/clip_real) is OpenAI's
+    bpe_simple_vocab_16e6.txt.gz: the CLIP settings are also run on the real vocabulary. Returns the
+    written dict.
     """
     tagged = corpus_texts()
     texts = [text for _, text in tagged]
@@ -327,7 +332,7 @@ def build_corpus(clip_dir: str, spiece_path: str, out_path: str, real_bpe_gz: st
         "entries": entries,
         "real_clip": None,
     }
-    real_bpe_gz = real_bpe_gz or os.environ.get("SD3REF_CLIP_BPE_GZ")
+    real_bpe_gz = real_bpe_gz or os.environ.get("SD3REF_CLIP_BPE_GZ") or (REAL_BPE if os.path.isfile(REAL_BPE) else None)
     if real_bpe_gz:
         with tempfile.TemporaryDirectory() as real_dir:
             write_real_clip_vocab(real_bpe_gz, real_dir)

@@ -112,15 +112,30 @@ def test_corpus_files_are_the_golden_files():
         assert hashlib.sha256((GOLDEN / name).read_bytes()).hexdigest() == digest, name
 
 
-@pytest.mark.parametrize("setting", CLIP_SETTINGS)
-def test_clip_matches_frameworks_on_real_vocabulary(setting):
-    """The same corpus on OpenAI's 49,408-token vocabulary, when SD3REF_REAL_CLIP_DIR points at
-    its vocab.json + merges.txt (golden/tokenizer_corpus.write_real_clip_vocab builds them)."""
+@pytest.fixture(scope="module")
+def real_clip_dir(tmp_path_factory):
+    """OpenAI's 49,408-token CLIP vocabulary (vocab.json + merges.txt), built from the committed
+    golden/tokenizers/clip_real/bpe_simple_vocab_16e6.txt.gz as the corpus generator built it: the same
+    files, checked by their hashes in the corpus."""
+    from golden.tokenizer_corpus import REAL_BPE, write_real_clip_vocab
+
     corpus = _load_corpus()
-    real_dir = os.environ.get("SD3REF_REAL_CLIP_DIR")
-    if not real_dir or corpus.get("real_clip") is None:
-        pytest.skip("real CLIP vocabulary not available (set SD3REF_REAL_CLIP_DIR)")
-    tokenizer = _clip_for_setting(setting, f"{real_dir}/vocab.json", f"{real_dir}/merges.txt")
+    if corpus.get("real_clip") is None:
+        pytest.skip("corpus.json has no real-vocabulary ids (python -m golden.generate)")
+    d = tmp_path_factory.mktemp("clip_real")
+    write_real_clip_vocab(REAL_BPE, str(d))
+    import hashlib
+
+    for name, digest in corpus["real_clip"]["files"].items():
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
+    return d
+
+
+@pytest.mark.parametrize("setting", CLIP_SETTINGS)
+def test_clip_matches_frameworks_on_real_vocabulary(setting, real_clip_dir):
+    """The same corpus on OpenAI's real vocabulary: HF's and KerasHub's ids (corpus.json, "real_clip")."""
+    corpus = _load_corpus()
+    tokenizer = _clip_for_setting(setting, str(real_clip_dir / "vocab.json"), str(real_clip_dir / "merges.txt"))
     texts = [e["text"] for e in corpus["entries"]]
     _check_entries(corpus["real_clip"]["entries"], texts, tokenizer, setting, 77, "clip")
 
