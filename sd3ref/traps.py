@@ -60,6 +60,11 @@ def _patched(module, name, replacement):
         setattr(module, name, original)
 
 
+def _replacing(module, name, replacement):
+    """A trap's ``inject``: the run with ``module.name`` replaced while it runs."""
+    return lambda run: dataclasses.replace(run, patch=lambda: _patched(module, name, replacement))
+
+
 def _from_latent_shift_then_scale(z, config):
     """The slip: (z + shift)/scale instead of z/scale + shift."""
     z = (z + config.shift) / config.scale
@@ -67,18 +72,26 @@ def _from_latent_shift_then_scale(z, config):
     return z
 
 
-def _attention_scaled_by_head_dim(qkv):
-    """The slip: logits scaled by 1/hd instead of 1/√hd."""
-    B, L, _, heads, hd = qkv.shape
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    return nn.attention(q, k, v, 1.0 / hd).transpose(0, 2, 1, 3).reshape(B, L, heads * hd)
+def _mmdit_attention(scale, merge_heads):
+    """``mmdit._attention`` as a port may write it: ``scale(hd)`` for the logits, ``merge_heads(a, B, L)`` to
+    turn (B, heads, L, hd) into (B, L, heads·hd)."""
+    def attention(qkv):
+        B, L, _, heads, hd = qkv.shape
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        return merge_heads(nn.attention(q, k, v, scale(hd)), B, L)
+    return attention
 
 
-def _attention_merged_without_transpose(qkv):
-    """The slip: (B, heads, L, hd) reshaped straight to (B, L, heads·hd)."""
-    B, L, _, heads, hd = qkv.shape
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    return np.ascontiguousarray(nn.attention(q, k, v, 1.0 / np.sqrt(hd))).reshape(B, L, heads * hd)
+def _right_scale(hd):
+    return 1.0 / np.sqrt(hd)
+
+
+def _merge_heads(a, B, L):
+    return a.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+def _merge_heads_without_transpose(a, B, L):  # the slip: (B, heads, L, hd) reshaped straight
+    return np.ascontiguousarray(a).reshape(B, L, -1)
 
 
 @contextlib.contextmanager
@@ -177,11 +190,9 @@ TRAPS = {
                                   r.inputs["mmdit/timestep"])}),
                               lambda r: bool(np.any(np.round(t := r.inputs["mmdit/timestep"]) != t))),
     "attention_scale": Trap("attention_scale", "attention logits scaled by 1/hd instead of 1/√hd",
-                            lambda r: dataclasses.replace(r, patch=lambda: _patched(
-                                mmdit, "_attention", _attention_scaled_by_head_dim))),
+                            _replacing(mmdit, "_attention", _mmdit_attention(lambda hd: 1.0 / hd, _merge_heads))),
     "head_merge": Trap("head_merge", "attention heads merged by a reshape without the transpose",
-                       lambda r: dataclasses.replace(r, patch=lambda: _patched(
-                           mmdit, "_attention", _attention_merged_without_transpose))),
+                       _replacing(mmdit, "_attention", _mmdit_attention(_right_scale, _merge_heads_without_transpose))),
     "split_attention": Trap("split_attention", "context and image tokens attend only within their own stream",
                             lambda r: dataclasses.replace(r, patch=_per_stream_attention)),
     "qk_norm": Trap("qk_norm", "SD3.5's q / k RMSNorm left out",
@@ -189,11 +200,9 @@ TRAPS = {
                         r.model, config=dataclasses.replace(r.model.config, mmdit_qk_norm=None))),
                     lambda r: r.model.config.mmdit_qk_norm is not None),
     "unpatchify_order": Trap("unpatchify_order", "velocity patches read channels first",
-                             lambda r: dataclasses.replace(r, patch=lambda: _patched(
-                                 mmdit, "unpatchify", _unpatchify_channels_first))),
+                             _replacing(mmdit, "unpatchify", _unpatchify_channels_first)),
     "latent_order": Trap("latent_order", "decoder input (z + shift)/scale instead of z/scale + shift",
-                         lambda r: dataclasses.replace(r, patch=lambda: _patched(
-                             vae, "from_latent", _from_latent_shift_then_scale))),
+                         _replacing(vae, "from_latent", _from_latent_shift_then_scale)),
 }
 
 
