@@ -340,6 +340,8 @@ def build_corpus(clip_dir: str, spiece_path: str, out_path: str, real_bpe_gz: st
             real_entries, real_summary = _entries(tagged, real_ids, real_len)
             corpus["real_clip"] = {
                 "source": os.path.basename(real_bpe_gz) + " (open_clip), rebuilt by write_real_clip_vocab",
+                # the ids: transformers' and keras_hub's tokenizers, as in "settings", at "versions" above
+                "outputs": "hf_* by transformers, keras_* by keras_hub (the settings above, their versions above)",
                 "files": {name: _sha256(os.path.join(real_dir, name)) for name in ("vocab.json", "merges.txt")},
                 "disagreement_counts": real_summary,
                 # The texts are those of "entries", in the same order.
