@@ -337,9 +337,8 @@ def _compiled_width(d: int) -> int:
 def _rms_heads(d):
     """The RMSNorm kernel for rows of ``d`` values, or of any width for ``d`` = 0 (numba caches each on disk):
     a row length known at compile time lets LLVM turn a 64-wide head row into whole vectors, with no remainder
-    loop and no run-time trip-count or overlap checks per row (into the joint array, cold: 0.79-0.97× the
-    time of the run-time-width kernel, the median of 25 pairs in each of five processes; one thread on data
-    in L2 0.26 → 0.14 ns per value, by hand).
+    loop and no run-time trip-count or overlap checks per row (one thread on data in L2: 0.26 → 0.14 ns per
+    value, by hand; into the joint array, cold, ``python -m bench.kernels`` times both: docs/performance.md).
 
     The kernel: out[b, i, h] = x[b, i, h]·rsqrt(mean(x[b, i, h]²) + eps)·w[h] for the rows of d values that
     start at b·xs[0] + i·xs[1] + h·xs[2] in the flat span x (likewise ``os`` in ``out``): the MMDiT's q/k heads
