@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import nn
 from .config import VAEConfig
 from .verify import TOLERANCE as RTOL
 
@@ -198,14 +199,9 @@ def _close(a, b, tol):
 
 
 def _attend(q, k, v, scale):
-    """softmax(q·kᵀ·scale)·v over (B, heads, L, hd), in float64, one head at a time (bounded memory)."""
-    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-    out = np.empty(q.shape[:3] + (v.shape[-1],))
-    for h in range(q.shape[1]):
-        logits = q[:, h] @ k[:, h].swapaxes(-1, -2) * scale  # (B, Lq, Lk)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        out[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, h]
-    return out
+    """The attention of (B, heads, L, hd) arrays in float64 (``nn.attention``: its fast path bounds the logits'
+    memory at real sizes)."""
+    return nn.attention(*(np.asarray(t, np.float64) for t in (q, k, v)), scale)
 
 
 def _attention_cause(name, a, ours, tol):
