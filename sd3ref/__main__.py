@@ -87,11 +87,11 @@ def _image_format(path: Path) -> str:
     return fmt
 
 
-def _writable(path: Path, args) -> None:
+def _writable(path: Path, args) -> str:
+    """The image format to write ``path`` in, once it is known the output can be written there."""
     from .pipeline import PipelineError
 
-    _image_format(path)
-
+    fmt = _image_format(path)
     parent = path.resolve().parent
     if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (
             path.exists() and not os.access(path, os.W_OK)):
@@ -100,6 +100,7 @@ def _writable(path: Path, args) -> None:
 
     read = [getattr(args, a) for a in ("weights", "config", "clip_l", "clip_g", "t5", "init_image", "mask")]
     refuse_inputs(path, [r for r in read if r])
+    return fmt
 
 
 def _generate(args) -> int:
@@ -109,7 +110,7 @@ def _generate(args) -> int:
     from . import pipeline
 
     output = Path(args.output)
-    _writable(output, args)  # before minutes of work, not after
+    fmt = _writable(output, args)  # before minutes of work, not after
     image = mask = None
     if args.init_image:
         image = _read_image(args.init_image, "RGB") * 2 - 1  # (H, W, 3) in [-1, 1]
@@ -145,7 +146,7 @@ def _generate(args) -> int:
     from converters.tensors import atomic_output
 
     with atomic_output(output, force=True) as tmp:  # never a half-written PNG (Ctrl-C, full disk)
-        Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(tmp, format=_image_format(output))
+        Image.fromarray(pipeline.to_uint8(out, args.rounding)[0]).save(tmp, format=fmt)
     print(f"{width}x{height} {model.dtype} {args.convention} -> {output}")
     return 0
 
